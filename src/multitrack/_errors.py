@@ -1,0 +1,256 @@
+"""Every exception multitrack raises, in one place.
+
+::
+
+    MultitrackError                 base of everything below
+     +-- TaskError                  a task failed; .index, .task (its arguments), .attempts.
+     |    |                         __cause__ is the original exception, or a RemoteError
+     |    |                         stand-in when it could not be rebuilt in the caller.
+     |    +-- WorkerCrashed         the worker died while running it: .exitcode, .signal, .pid
+     |    +-- TaskTimeout           it ran longer than ``timeout``; also a builtin TimeoutError
+     +-- WorkerStartError           a worker could not start (initializer raised, spawn failed,
+                                    no "ready" within the start-up bound)
+
+``RemoteError`` is not a ``MultitrackError``: it stands in for a task's own exception when that
+exception cannot cross the process boundary (its class is not importable in the caller, or it
+refuses to unpickle). It keeps the original type name, message and traceback text.
+
+Tracebacks cross process boundaries as text (never as objects) and come back attached to the
+``__cause__`` chain, so the caller sees the worker's traceback under "The above exception was
+the direct cause of ...", as with ``concurrent.futures``.
+"""
+
+from __future__ import annotations
+
+import signal as _signal
+from typing import Any
+
+__all__ = [
+    "MultitrackError",
+    "RemoteError",
+    "RemoteTraceback",
+    "TaskError",
+    "TaskTimeout",
+    "WorkerCrashed",
+    "WorkerStartError",
+]
+
+
+class MultitrackError(Exception):
+    """Base class of every error multitrack raises itself.
+
+    Example:
+        >>> import multitrack as mt
+        >>> issubclass(mt.TaskError, mt.MultitrackError)
+        True
+    """
+
+
+class RemoteTraceback(Exception):
+    """The traceback text of an exception raised in a worker.
+
+    It is attached as the ``__cause__`` of the task's own exception so that the printed
+    traceback shows where in the worker things went wrong.
+    """
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+    def __str__(self) -> str:
+        return "\n\n" + '"""\n' + self.text.rstrip("\n") + '\n"""'
+
+
+class RemoteError(Exception):
+    """Stand-in for a task's exception that could not be rebuilt in the caller.
+
+    Attributes:
+        type_name: qualified name of the original exception class, e.g. ``"mylib.BadThing"``.
+        message: ``str()`` of the original exception.
+        traceback_text: the worker-side traceback, as text.
+
+    Example:
+        >>> err = RemoteError("mylib.BadThing", "boom", "Traceback ...")
+        >>> str(err)
+        'mylib.BadThing: boom'
+    """
+
+    def __init__(self, type_name: str, message: str, traceback_text: str = "") -> None:
+        super().__init__(type_name, message, traceback_text)
+        self.type_name = type_name
+        self.message = message
+        self.traceback_text = traceback_text
+
+    def __str__(self) -> str:
+        return f"{self.type_name}: {self.message}" if self.message else self.type_name
+
+
+def _short_repr(value: Any, limit: int = 120) -> str:
+    try:
+        text = repr(value)
+    except Exception as exc:  # a broken __repr__ must not hide the real error
+        text = f"<unrepresentable {type(value).__name__}: {exc!r}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class TaskError(MultitrackError):
+    """A task failed.
+
+    Attributes:
+        index: position of the task in the input (0-based).
+        task: the task's arguments: the item itself for a one-iterable ``map``, the tuple of
+            arguments otherwise.
+        attempts: how many times the task ran (1 unless ``retries`` re-ran it).
+
+    The original exception is ``__cause__``; its own ``__cause__`` carries the worker's
+    traceback text.
+
+    Example:
+        >>> import multitrack as mt
+        >>> try:
+        ...     mt.map(lambda x: 1 / x, [1, 0], backend="serial", progress=False)
+        ... except mt.TaskError as err:
+        ...     print(err.index, type(err.__cause__).__name__)
+        1 ZeroDivisionError
+    """
+
+    def __init__(self, message: str, *, index: int, task: Any, attempts: int = 1) -> None:
+        super().__init__(message)
+        self.index = index
+        self.task = task
+        self.attempts = attempts
+
+    @classmethod
+    def from_cause(
+        cls, cause: BaseException, *, index: int, task: Any, attempts: int = 1
+    ) -> TaskError:
+        """Build the error for a task whose function raised ``cause``."""
+        described = str(cause)
+        kind = cause.type_name if isinstance(cause, RemoteError) else type(cause).__name__
+        if isinstance(cause, RemoteError):
+            described = cause.message
+        message = f"task {index} {_short_repr(task)} failed: {kind}"
+        if described:
+            message += f": {described}"
+        if attempts > 1:
+            message += f" (after {attempts} attempts)"
+        err = cls(message, index=index, task=task, attempts=attempts)
+        err.__cause__ = cause
+        return err
+
+    def __reduce__(self) -> Any:
+        return (_rebuild_task_error, (type(self), self.args, self.__dict__))
+
+
+def _rebuild_task_error(cls: type[TaskError], args: tuple[Any, ...], state: dict[str, Any]) -> Any:
+    err = cls.__new__(cls)
+    Exception.__init__(err, *args)
+    err.__dict__.update(state)
+    return err
+
+
+def signal_name(signum: int) -> str:
+    """``9`` -> ``"SIGKILL"``; unknown numbers come back as ``"signal 99"``."""
+    try:
+        return _signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+_SIGNAL_HINTS = {
+    "SIGKILL": "often the out-of-memory killer; check `dmesg` and lower `workers` "
+    "or the memory each task needs",
+    "SIGSEGV": "a crash in native code (a C extension); faulthandler's dump above, if any, "
+    "shows where",
+    "SIGABRT": "native code aborted (an assertion or a failed allocation in C)",
+    "SIGBUS": "native code touched memory it may not (often a truncated memory-mapped file)",
+    "SIGTERM": "something outside multitrack terminated the worker",
+}
+
+
+class WorkerCrashed(TaskError):
+    """The worker process died while running this task.
+
+    Attributes:
+        exitcode: the worker's exit code, or ``None`` when it was killed by a signal.
+        signal: the name of the signal that killed it (``"SIGKILL"``), or ``None``.
+        pid: the worker's process id.
+
+    Example:
+        >>> import multitrack as mt, os
+        >>> out = mt.map(os._exit, [3], errors="return", progress=False)
+        >>> out[0].exitcode
+        3
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        index: int,
+        task: Any,
+        attempts: int = 1,
+        exitcode: int | None = None,
+        signal: str | None = None,
+        pid: int | None = None,
+    ) -> None:
+        super().__init__(message, index=index, task=task, attempts=attempts)
+        self.exitcode = exitcode
+        self.signal = signal
+        self.pid = pid
+
+    @classmethod
+    def for_death(
+        cls,
+        *,
+        index: int,
+        task: Any,
+        attempts: int,
+        returncode: int | None,
+        pid: int | None,
+    ) -> WorkerCrashed:
+        """Describe a worker death from its ``Popen.returncode`` (negative = signal)."""
+        signame = None
+        exitcode = returncode
+        if returncode is not None and returncode < 0:
+            signame, exitcode = signal_name(-returncode), None
+        how = f"killed by {signame}" if signame else f"exited with code {exitcode}"
+        message = f"task {index} {_short_repr(task)}: worker (pid {pid}) {how} while running it"
+        hint = _SIGNAL_HINTS.get(signame or "")
+        if hint:
+            message += f" -- {hint}"
+        if attempts > 1:
+            message += f" (after {attempts} attempts)"
+        return cls(
+            message,
+            index=index,
+            task=task,
+            attempts=attempts,
+            exitcode=exitcode,
+            signal=signame,
+            pid=pid,
+        )
+
+
+class TaskTimeout(TaskError, TimeoutError):
+    """The task ran longer than ``timeout`` seconds; its worker was killed and replaced.
+
+    Also a builtin ``TimeoutError``, so ``except TimeoutError`` catches it.
+
+    Example:
+        >>> import multitrack as mt
+        >>> issubclass(mt.TaskTimeout, TimeoutError)
+        True
+    """
+
+
+class WorkerStartError(MultitrackError):
+    """A worker could not start: the initializer raised, the process failed to spawn, or it
+    did not report ready in time. ``__cause__`` holds the initializer's exception when there
+    was one.
+
+    Example:
+        >>> import multitrack as mt
+        >>> issubclass(mt.WorkerStartError, mt.MultitrackError)
+        True
+    """
