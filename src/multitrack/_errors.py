@@ -85,6 +85,11 @@ class RemoteError(Exception):
         return f"{self.type_name}: {self.message}" if self.message else self.type_name
 
 
+def task_label(index: int, task: Any) -> str:
+    """``task 3 (input 'a.png')``: how messages name a task."""
+    return f"task {index} (input {_short_repr(task)})"
+
+
 def _short_repr(value: Any, limit: int = 120) -> str:
     try:
         text = repr(value)
@@ -129,7 +134,7 @@ class TaskError(MultitrackError):
         kind = cause.type_name if isinstance(cause, RemoteError) else type(cause).__name__
         if isinstance(cause, RemoteError):
             described = cause.message
-        message = f"task {index} {_short_repr(task)} failed: {kind}"
+        message = f"{task_label(index, task)} failed: {kind}"
         if described:
             message += f": {described}"
         if attempts > 1:
@@ -215,7 +220,7 @@ class WorkerCrashed(TaskError):
         if returncode is not None and returncode < 0:
             signame, exitcode = signal_name(-returncode), None
         how = f"killed by {signame}" if signame else f"exited with code {exitcode}"
-        message = f"task {index} {_short_repr(task)}: worker (pid {pid}) {how} while running it"
+        message = f"{task_label(index, task)}: its worker (pid {pid}) {how} while running it"
         hint = _SIGNAL_HINTS.get(signame or "")
         if hint:
             message += f" -- {hint}"

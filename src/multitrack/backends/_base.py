@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 # One item's outcome as it comes back from a worker: (index, ok, value-or-exception).
@@ -76,16 +76,8 @@ class Running:
     started_at: float
 
 
-@dataclass
-class Job:
-    """What one call runs: the function and, for workers started by this call, the
-    per-worker initializer."""
-
-    fn: Callable[..., Any]
-    initializer: Callable[..., Any] | None = None
-    initargs: tuple[Any, ...] = ()
-    max_tasks_per_worker: int | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+# Where worker output goes: ``output(text, stream)`` with whole lines, stream "stdout"/"stderr".
+Output = Callable[[str, str], None]
 
 
 class Backend(ABC):
@@ -98,8 +90,9 @@ class Backend(ABC):
     can_kill: bool = False
 
     @abstractmethod
-    def begin(self, job: Job) -> None:
-        """Prepare for a call: start workers if needed and ship ``job.fn`` to them."""
+    def begin(self, fn: Callable[..., Any], output: Output) -> None:
+        """Prepare for a call: start workers if needed and ship ``fn`` to them. Raises
+        ``TypeError`` when ``fn`` cannot be sent to the workers."""
 
     @abstractmethod
     def capacity(self) -> int:

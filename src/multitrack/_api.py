@@ -1,0 +1,342 @@
+"""The public calls: ``map``, ``imap``, ``starmap`` and ``Pool``.
+
+This layer only checks what the caller gave (before any worker starts), turns the inputs into a
+lazy stream of argument tuples, and hands one ``Run`` to the caller. Scheduling lives in
+``_run``, workers in ``backends``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import builtins
+import operator
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, TypedDict
+
+from multitrack import backends
+from multitrack._chunks import ChunkSizer
+from multitrack._options import POOL_ONLY, Options, validate
+from multitrack._progress import Progress, make_progress
+from multitrack._run import Policy, Run
+from multitrack.backends._base import Backend
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+__all__ = ["Pool", "imap", "map", "run_calls", "starmap"]
+
+# In ordered ``imap``, how far intake may run ahead of the oldest result not yet released
+# (bounded memory when one early task is slow). ``map`` keeps every result anyway.
+MAX_AHEAD = 10_000
+
+
+class CallOptions(TypedDict, total=False):
+    """Options of one call; see ``map`` for their meaning."""
+
+    ordered: bool
+    chunksize: int | str | None
+    progress: bool | str
+    desc: str | None
+    errors: str
+    timeout: float | None
+    retries: int
+    retry_delay: float
+
+
+class MapOptions(CallOptions, total=False):
+    """``CallOptions`` plus the options that shape the workers."""
+
+    workers: int | None
+    backend: str
+    initializer: Callable[..., Any] | None
+    initargs: tuple[Any, ...]
+    max_tasks_per_worker: int | None
+
+
+def map(fn: Callable[..., Any], *iterables: Iterable[Any], **options: Unpack[MapOptions]) -> list[Any]:
+    """Run ``fn`` on every item, on every core, with a progress bar; return the results in
+    input order, like ``list(builtins.map(fn, *iterables))``.
+
+    Several iterables are zipped: ``fn(a, b)`` for each pair, stopping at the shortest.
+
+    Options (keyword-only):
+        workers: pool size; default the CPUs this process may use (affinity and cgroup aware).
+        backend: ``"process"`` (default), ``"thread"`` or ``"serial"``.
+        ordered: results in input order (default); ``False``: in completion order.
+        chunksize: tasks sent to a worker at once; ``None``/``"auto"`` sizes chunks from the
+            measured task time.
+        progress: ``True`` (bar on stderr: live on a terminal, a widget in Jupyter, plain
+            lines in logs), ``False``, or ``"log"`` (plain lines always). ``MULTITRACK_PROGRESS=0``
+            or ``TQDM_DISABLE=1`` turn it off.
+        desc: label on the bar.
+        errors: ``"raise"`` (first failure stops the run and raises ``TaskError``) or
+            ``"return"`` (the failed task's slot holds its ``TaskError``; the run goes on).
+        timeout: seconds one task may run; past it its worker is killed and replaced and the
+            task fails with ``TaskTimeout``.
+        retries: extra attempts for a task that raised, crashed its worker or timed out.
+        retry_delay: seconds before the first retry, doubled for each further one.
+        initializer, initargs: ``initializer(*initargs)`` runs once in each worker at start.
+        max_tasks_per_worker: replace a worker after this many tasks (for leaky code).
+
+    Example:
+        >>> import multitrack as mt
+        >>> mt.map(pow, [2, 3, 4], [2, 2, 2], progress=False)
+        [4, 9, 16]
+    """
+    call = _prepare("map", fn, iterables, options, star=False)
+    return list(call.start(max_ahead=None))
+
+
+def imap(fn: Callable[..., Any], *iterables: Iterable[Any], **options: Unpack[MapOptions]) -> Iterator[Any]:
+    """Like ``map``, but lazy: results are yielded as they are ready (in input order, or in
+    completion order with ``ordered=False``). Input is consumed as workers need it and memory
+    stays bounded, so an endless generator works. Closing the iterator (``break`` out of the
+    loop, or dropping it) stops its workers.
+
+    Example:
+        >>> import multitrack as mt
+        >>> for square in mt.imap(lambda x: x * x, range(3), progress=False):
+        ...     print(square)
+        0
+        1
+        4
+    """
+    call = _prepare("imap", fn, iterables, options, star=False)
+    return call.start(max_ahead=MAX_AHEAD)
+
+
+def starmap(fn: Callable[..., Any], iterable: Iterable[Iterable[Any]], **options: Unpack[MapOptions]) -> list[Any]:
+    """Like ``map``, but each item is a tuple of arguments: ``fn(*item)``.
+
+    Example:
+        >>> import multitrack as mt
+        >>> mt.starmap(pow, [(2, 5), (3, 2)], progress=False)
+        [32, 9]
+    """
+    call = _prepare("starmap", fn, (iterable,), options, star=True)
+    return list(call.start(max_ahead=None))
+
+
+def run_calls(
+    fn: Callable[..., Any],
+    calls: Iterable[tuple[Any, ...]],
+    *,
+    total: int | None,
+    progress: Progress,
+    **options: Any,
+) -> Iterator[Any]:
+    """Engine entry for the mmengine drop-ins: ``fn(*call)`` for each call, with a progress
+    object of their own. ``options`` are those of ``map``."""
+    opts = validate(**options)
+    backend = _new_backend(opts)
+    return _Call(fn, iter(calls), total, opts, backend, owns_backend=True, progress=progress,
+                 describe=_single_or_tuple).start(max_ahead=MAX_AHEAD)
+
+
+class Pool:
+    """Workers kept alive across several calls, so start-up (and the initializer) is paid once.
+
+    ``workers``, ``backend``, ``initializer``, ``initargs`` and ``max_tasks_per_worker`` belong
+    to the pool; the other options may be given here as defaults and overridden per call.
+    Calls run one at a time. Leaving the ``with`` block (or ``close()``) stops the workers;
+    so does interpreter exit.
+
+    Example:
+        >>> import multitrack as mt
+        >>> with mt.Pool(workers=2, progress=False) as pool:
+        ...     pool.map(abs, [-1, -2]), pool.starmap(max, [(1, 5)])
+        ([1, 2], [5])
+    """
+
+    def __init__(self, workers: int | None = None, **options: Unpack[MapOptions]) -> None:
+        self._options = validate(workers=workers, **options)
+        self._backend: Backend | None = None
+        self._busy: weakref.ref[Any] | None = None
+        self._closed = False
+        _live_pools.add(self)
+
+    @property
+    def workers(self) -> int:
+        """The pool size."""
+        return self._options.workers
+
+    def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], **options: Unpack[CallOptions]) -> list[Any]:
+        """``multitrack.map`` on this pool's workers."""
+        return list(self._start("map", fn, iterables, options, star=False, max_ahead=None))
+
+    def imap(self, fn: Callable[..., Any], *iterables: Iterable[Any], **options: Unpack[CallOptions]) -> Iterator[Any]:
+        """``multitrack.imap`` on this pool's workers."""
+        return self._start("imap", fn, iterables, options, star=False, max_ahead=MAX_AHEAD)
+
+    def starmap(self, fn: Callable[..., Any], iterable: Iterable[Iterable[Any]], **options: Unpack[CallOptions]) -> list[Any]:
+        """``multitrack.starmap`` on this pool's workers."""
+        return list(self._start("starmap", fn, (iterable,), options, star=True, max_ahead=None))
+
+    def _start(
+        self,
+        name: str,
+        fn: Callable[..., Any],
+        iterables: tuple[Iterable[Any], ...],
+        options: Any,
+        *,
+        star: bool,
+        max_ahead: int | None,
+    ) -> Iterator[Any]:
+        if self._closed:
+            raise RuntimeError("this Pool is closed")
+        for key in options:
+            if key in POOL_ONLY:
+                raise TypeError(f"{key} belongs to the Pool; pass it to Pool(...), not to {name}()")
+        opts = validate(self._options, **options)
+        calls, total, describe = _inputs(name, fn, iterables, star)
+        if self._busy is not None and self._busy() is not None:
+            raise RuntimeError(
+                "this Pool is still running an earlier imap; finish or close() it first"
+            )
+        if self._backend is None:
+            self._backend = _new_backend(opts)
+        call = _Call(fn, calls, total, opts, self._backend, owns_backend=False,
+                     describe=describe)
+        iterator = call.start(max_ahead=max_ahead)
+        self._busy = weakref.ref(iterator)
+        return iterator
+
+    def close(self) -> None:
+        """Stop the workers (waiting briefly for them to exit). Idempotent."""
+        self._closed = True
+        _live_pools.discard(self)
+        if self._backend is not None:
+            self._backend.close()
+            self._backend = None
+
+    def __enter__(self) -> Pool:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        backend = getattr(self, "_backend", None)
+        if backend is not None:
+            backend.close(kill=True)
+
+
+_live_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_pools_at_exit() -> None:
+    for pool in list(_live_pools):
+        pool.close()
+
+
+class _Call:
+    """One prepared call: validated options, input stream, backend."""
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        calls: Iterator[tuple[Any, ...]],
+        total: int | None,
+        opts: Options,
+        backend: Backend,
+        *,
+        owns_backend: bool,
+        describe: Callable[[tuple[Any, ...]], Any],
+        progress: Progress | None = None,
+    ) -> None:
+        self.fn, self.calls, self.total, self.opts = fn, calls, total, opts
+        self.backend, self.owns_backend, self.describe = backend, owns_backend, describe
+        self.progress = progress
+
+    def start(self, *, max_ahead: int | None) -> Iterator[Any]:
+        opts = self.opts
+        progress = self.progress or make_progress(opts.progress, total=self.total, desc=opts.desc)
+        run = Run(
+            self.backend,
+            self.fn,
+            self.calls,
+            total=self.total,
+            ordered=opts.ordered,
+            sizer=ChunkSizer(
+                fixed=opts.chunksize, slots=self.backend.slots, cap=opts.max_tasks_per_worker
+            ),
+            policy=Policy(opts.errors, opts.retries, opts.retry_delay, opts.timeout),
+            progress=progress,
+            describe=self.describe,
+            max_ahead=max_ahead,
+            owns_backend=self.owns_backend,
+        )
+        return iter(run)
+
+
+def _prepare(
+    name: str,
+    fn: Callable[..., Any],
+    iterables: tuple[Iterable[Any], ...],
+    options: Any,
+    *,
+    star: bool,
+) -> _Call:
+    opts = validate(**options)
+    calls, total, describe = _inputs(name, fn, iterables, star)
+    if opts.timeout is not None and opts.backend == "serial":
+        raise ValueError("timeout cannot be enforced with backend='serial' (nothing can stop "
+                         "a task running in the caller's thread); use 'process'")
+    return _Call(fn, calls, total, opts, _new_backend(opts), owns_backend=True,
+                 describe=describe)
+
+
+def _new_backend(opts: Options) -> Backend:
+    return backends.create(
+        opts.backend,
+        opts.workers,
+        initializer=opts.initializer,
+        initargs=opts.initargs,
+        max_tasks_per_worker=opts.max_tasks_per_worker,
+    )
+
+
+def _inputs(
+    name: str, fn: Callable[..., Any], iterables: tuple[Iterable[Any], ...], star: bool
+) -> tuple[Iterator[tuple[Any, ...]], int | None, Callable[[tuple[Any, ...]], Any]]:
+    """Check ``fn`` and the iterables; return the lazy stream of argument tuples, the total
+    when it can be known without consuming anything, and how to describe a task."""
+    if not callable(fn):
+        raise TypeError(f"{name}() fn must be callable, got {type(fn).__name__} {fn!r:.80}")
+    if not iterables:
+        raise TypeError(f"{name}() needs at least one iterable of inputs after fn")
+    iterators = []
+    for position, iterable in enumerate(iterables):
+        try:
+            iterators.append(iter(iterable))
+        except TypeError:
+            which = "iterable" if star else f"iterable #{position + 1}"
+            raise TypeError(
+                f"{name}() {which} is not iterable: got {type(iterable).__name__}"
+            ) from None
+    total = _total(iterables)
+    if star:
+        return (tuple(args) for args in iterators[0]), total, tuple
+    if len(iterators) == 1:
+        return ((item,) for item in iterators[0]), total, _single
+    return builtins.zip(*iterators), total, tuple
+
+
+def _total(iterables: tuple[Iterable[Any], ...]) -> int | None:
+    hints = []
+    for iterable in iterables:
+        hint = operator.length_hint(iterable, -1)
+        if hint < 0:
+            return None
+        hints.append(hint)
+    return min(hints)
+
+
+def _single(args: tuple[Any, ...]) -> Any:
+    return args[0]
+
+
+def _single_or_tuple(args: tuple[Any, ...]) -> Any:
+    return args[0] if len(args) == 1 else args

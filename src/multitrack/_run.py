@@ -1,0 +1,336 @@
+"""One call, from the first task pulled to the last result released.
+
+``Run`` is the only place where scheduling *policy* lives; backends only move chunks::
+
+    input iterator ──pull lazily──▶ [retry queue] ──chunks──▶ backend.submit
+                                                               │
+    caller ◀── release (in order, or as completed) ◀── results buffer ◀── backend.poll events
+                                                               │
+                  deadlines (timeout) ──▶ backend.kill ────────┘   progress: on completion
+
+Bounds that keep the promises:
+
+* **Memory**: input is pulled only while the backend has room (each worker holds at most a
+  running and a waiting chunk), and in ordered ``imap`` only while fewer than ``max_ahead``
+  tasks sit between the oldest unreleased result and the newest task pulled; a slow first task
+  therefore pauses intake instead of filling memory.
+* **Waiting**: every ``poll`` has a timeout: the nearest task deadline, the progress bar's next
+  refresh, or none when neither exists (the backend's wait still wakes on any death).
+* **Blame**: a completion, a crash or a deadline is charged to exactly one task; the other
+  unfinished tasks of a lost worker go back to the queue without using up their attempts.
+* **Lifetime**: whatever ends the call (return, error, Ctrl-C, an ``imap`` closed or collected
+  half-way), ``finally`` stops the workers still running its tasks.
+
+Time comes from an injectable ``clock`` so the policy is tested in milliseconds.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from multitrack._chunks import ChunkSizer
+from multitrack._errors import TaskError, TaskTimeout, WorkerCrashed, task_label
+from multitrack._progress import Progress
+from multitrack.backends._base import Backend, Chunk, Completed, Lost
+
+# A task requeued this many times because the worker holding it died *between* tasks is
+# treated as the cause (a death while unpickling its arguments looks exactly like that).
+MAX_BYSTANDER_REQUEUES = 2
+
+
+@dataclass
+class Policy:
+    """How failures are handled."""
+
+    errors: str = "raise"  # "raise" | "return"
+    retries: int = 0
+    retry_delay: float = 0.0  # seconds before a retry, doubled on each further attempt
+    timeout: float | None = None
+
+
+class Run:
+    """Runs ``fn(*args)`` for every ``args`` of ``calls`` on ``backend``; iterate it for the
+    results. ``describe(args)`` gives what ``TaskError.task`` shows."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        fn: Callable[..., Any],
+        calls: Iterator[tuple[Any, ...]],
+        *,
+        total: int | None,
+        ordered: bool,
+        sizer: ChunkSizer,
+        policy: Policy,
+        progress: Progress,
+        describe: Callable[[tuple[Any, ...]], Any],
+        max_ahead: int | None,
+        owns_backend: bool,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.backend = backend
+        self.fn = fn
+        self.calls = calls
+        self.total = total
+        self.ordered = ordered
+        self.sizer = sizer
+        self.policy = policy
+        self.progress = progress
+        self.describe = describe
+        self.max_ahead = max_ahead
+        self.owns_backend = owns_backend
+        self.clock = clock
+
+        self.pulled = 0  # tasks taken from the input so far
+        self.exhausted = False
+        self.args: dict[int, tuple[Any, ...]] = {}  # unfinished tasks' arguments
+        self.attempts: dict[int, int] = {}  # runs started (or lost) per unfinished task
+        self.bystander: dict[int, int] = {}
+        self.owner: dict[int, int] = {}  # task index -> chunk id it is in
+        self.chunks: dict[int, Chunk] = {}
+        self.requeued: list[tuple[float, int]] = []  # heap of (not before, index)
+        self.next_chunk_id = 0
+        self.results: dict[int, Any] = {}  # finished, not yet released (ordered)
+        self.ready: deque[Any] = deque()  # finished, not yet released (unordered)
+        self.next_release = 0
+        self.completed = 0
+        self.failed: list[TaskError] = []
+
+    # -- the loop -------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[Any]:
+        outcome: Literal["done", "error", "interrupted"] = "error"
+        try:
+            self.backend.begin(self.fn, self._output)
+            while True:
+                yield from self._release()
+                if self._finished():
+                    break
+                self._fill()
+                for event in self.backend.poll(self._wait_time()):
+                    if isinstance(event, Completed):
+                        self._on_completed(event)
+                    else:
+                        self._on_lost(event)
+                self._enforce_deadlines()
+                if self._due(self.progress.wakeup_in()):
+                    self.progress.tick()
+            outcome = "done"
+        except KeyboardInterrupt:
+            outcome = "interrupted"
+            raise
+        finally:
+            self._shutdown(outcome)
+
+    def _shutdown(self, outcome: Literal["done", "error", "interrupted"]) -> None:
+        aborted = outcome != "done"
+        try:
+            self.backend.end(abort=aborted)
+            if self.owns_backend:
+                self.backend.close(kill=aborted)
+        finally:
+            if self.failed and not aborted:
+                self._summarize_failures()
+            self.progress.close(outcome)
+
+    def _finished(self) -> bool:
+        return self.exhausted and not self.args and not self.results and not self.ready
+
+    def _wait_time(self) -> float | None:
+        waits = [self.progress.wakeup_in()]
+        if self.policy.timeout is not None:
+            now = self.clock()
+            deadlines = [r.started_at + self.policy.timeout for r in self.backend.running()]
+            waits.append(min(deadlines, default=now + self.policy.timeout) - now)
+        if self.requeued and self.backend.capacity() > 0:
+            waits.append(self.requeued[0][0] - self.clock())
+        known = [w for w in waits if w is not None]
+        return max(0.0, min(known)) if known else None
+
+    @staticmethod
+    def _due(wait: float | None) -> bool:
+        return wait is not None and wait <= 0
+
+    # -- feeding --------------------------------------------------------------------------
+
+    def _fill(self) -> None:
+        while self.backend.capacity() > 0:
+            chunk = self._next_chunk()
+            if chunk is None:
+                return
+            self.chunks[chunk.id] = chunk
+            for index in chunk.indices:
+                self.owner[index] = chunk.id
+            self.backend.submit(chunk)
+
+    def _next_chunk(self) -> Chunk | None:
+        remaining = None if self.total is None else max(0, self.total - self.completed)
+        size = self.sizer.next_size(remaining)
+        indices: list[int] = []
+        now = self.clock()
+        while self.requeued and len(indices) < size and self.requeued[0][0] <= now:
+            indices.append(heapq.heappop(self.requeued)[1])
+        while len(indices) < size and self._may_pull():
+            try:
+                args = next(self.calls)
+            except StopIteration:
+                self.exhausted = True
+                if self.total != self.pulled:
+                    self.total = self.pulled
+                    self.progress.set_total(self.pulled)
+                break
+            index = self.pulled
+            self.pulled += 1
+            self.args[index] = args
+            self.attempts[index] = 0
+            indices.append(index)
+        if not indices:
+            return None
+        for index in indices:
+            self.attempts[index] += 1
+        chunk = Chunk(self.next_chunk_id, indices, [self.args[i] for i in indices])
+        self.next_chunk_id += 1
+        return chunk
+
+    def _may_pull(self) -> bool:
+        if self.exhausted:
+            return False
+        if self.max_ahead is None or not self.ordered:
+            return True
+        return self.pulled - self.next_release < self.max_ahead
+
+    # -- events ---------------------------------------------------------------------------
+
+    def _on_completed(self, event: Completed) -> None:
+        done = 0
+        for index, ok, value in event.outcomes:
+            if self.owner.get(index) != event.chunk_id:
+                continue  # a stale copy: this task was already settled or moved
+            del self.owner[index]
+            if ok:
+                self._settle(index, value)
+                done += 1
+            else:
+                self._fail(index, value)
+        self._forget_chunk_if_done(event.chunk_id)
+        self.sizer.observe(len(event.outcomes), event.busy_seconds)
+        if done:
+            self.completed += done
+            self.progress.advance(done)
+
+    def _on_lost(self, event: Lost) -> None:
+        for chunk_id in event.chunk_ids:
+            chunk = self.chunks.pop(chunk_id, None)
+            if chunk is None:
+                continue
+            unfinished = [i for i in chunk.indices if self.owner.get(i) == chunk_id]
+            blamed = None
+            if event.running is not None and event.running[0] == chunk_id:
+                blamed = chunk.indices[event.running[1]]
+            for index in unfinished:
+                del self.owner[index]
+                if index == blamed:
+                    self._fail(index, self._death_error(index, event))
+                else:
+                    self._requeue_bystander(index, event)
+
+    def _requeue_bystander(self, index: int, event: Lost) -> None:
+        """An unfinished task of a lost worker that was not running when it went."""
+        self.attempts[index] -= 1  # it did not really run
+        self.bystander[index] = self.bystander.get(index, 0) + 1
+        if self.bystander[index] > MAX_BYSTANDER_REQUEUES:
+            self.attempts[index] += 1
+            self._fail(index, self._death_error(index, event))
+        else:
+            heapq.heappush(self.requeued, (0.0, index))
+
+    def _death_error(self, index: int, event: Lost) -> TaskError:
+        task, attempts = self.describe(self.args[index]), self.attempts[index]
+        if event.killed:
+            return TaskTimeout(
+                f"{task_label(index, task)} timed out after {self.policy.timeout:g} s "
+                f"(its worker was stopped and replaced)",
+                index=index,
+                task=task,
+                attempts=attempts,
+            )
+        return WorkerCrashed.for_death(
+            index=index, task=task, attempts=attempts, returncode=event.returncode, pid=event.pid
+        )
+
+    def _fail(self, index: int, cause: BaseException) -> None:
+        """Apply the failure policy to a task that raised, crashed or timed out."""
+        attempts = self.attempts[index]
+        if attempts <= self.policy.retries:
+            delay = self.policy.retry_delay * 2 ** (attempts - 1)
+            heapq.heappush(self.requeued, (self.clock() + delay, index))
+            self.progress.add_retried()
+            return
+        if isinstance(cause, TaskError):
+            error = cause
+            error.attempts = attempts
+        else:
+            task = self.describe(self.args[index])
+            error = TaskError.from_cause(cause, index=index, task=task, attempts=attempts)
+        self.failed.append(error)
+        self.progress.add_failed()
+        self.completed += 1
+        self.progress.advance(1)
+        if self.policy.errors == "raise":
+            raise error
+        self._settle(index, error)
+
+    def _settle(self, index: int, value: Any) -> None:
+        del self.args[index]
+        del self.attempts[index]
+        self.bystander.pop(index, None)
+        if self.ordered:
+            self.results[index] = value
+        else:
+            self.ready.append(value)
+
+    def _forget_chunk_if_done(self, chunk_id: int) -> None:
+        chunk = self.chunks.get(chunk_id)
+        if chunk is not None and all(self.owner.get(i) != chunk_id for i in chunk.indices):
+            del self.chunks[chunk_id]
+
+    def _enforce_deadlines(self) -> None:
+        timeout = self.policy.timeout
+        if timeout is None:
+            return
+        now = self.clock()
+        for running in self.backend.running():
+            if now - running.started_at >= timeout:
+                self.backend.kill(running.worker)
+
+    # -- releasing ------------------------------------------------------------------------
+
+    def _release(self) -> Iterator[Any]:
+        if self.ordered:
+            results = self.results
+            while self.next_release in results:
+                value = results.pop(self.next_release)
+                self.next_release += 1
+                yield value
+        else:
+            while self.ready:
+                self.next_release += 1
+                yield self.ready.popleft()
+
+    # -- output ---------------------------------------------------------------------------
+
+    def _output(self, text: str, stream: str) -> None:
+        self.progress.write(text, stream="stderr" if stream == "stderr" else "stdout")
+
+    def _summarize_failures(self) -> None:
+        first = self.failed[0]
+        self.progress.write(
+            f"multitrack: {len(self.failed)} of {self.completed} tasks failed; their results "
+            f"hold TaskError. First: {first}\n",
+            stream="stderr",
+        )

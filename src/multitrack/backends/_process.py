@@ -1,0 +1,580 @@
+"""The process backend, parent side: worker processes we start, watch, kill and replace.
+
+Not ``multiprocessing.Pool`` nor ``ProcessPoolExecutor``: those share one result queue (a dead
+worker can hold its lock), cannot tell which task a dead worker held, and hang or break the
+whole pool. Here every worker is owned individually::
+
+                      parent (the caller's thread; no helper threads)
+      ┌──────────────────────────────────────────────────────────────────────┐
+      │ Run ─submit─▶ ProcessBackend ── wait(conns, pidfds, stdout/err pipes,│
+      │                  │     ▲           timeout = next deadline) ──┐      │
+      └──────────────────┼─────┼─────────────────────────────────────-┼──────┘
+             socketpair  │     │ results        slot (shared mmap):    │ pidfd: fires
+             (one per    ▼     │                chunk, position, t0    │ when it dies
+             worker)   worker process (own session)  ◀── read on crash / deadline
+
+* A **socketpair per worker**: nothing is shared between workers, so no lock can be left
+  dirty by a dying one. The child drains its end with a reader thread, so a send from here
+  never waits on a busy task, and the child notices our death (EOF) even mid-task.
+* **Death is seen at once**: we wait on every worker's pidfd (Linux) together with the
+  sockets and output pipes, with a timeout equal to the next deadline. Where pidfds do not
+  exist, socket EOF plus a poll every half second stands in.
+* **Blame is exact**: each worker writes "chunk c, position p, since t0" into its slot before
+  running an item, so a death or a deadline is charged to that one item, and the unfinished
+  rest of its chunks is handed back to the scheduler to run elsewhere.
+* **Kill, never repair**: a worker that crashed, timed out or broke the protocol is killed
+  with its whole process group (``start_new_session``) and replaced.
+
+Start method: workers are *fresh interpreters* started with ``subprocess`` (fork + exec), not
+``fork()`` of the caller. fork is fast but copies locks held by other threads (OpenMP, torch,
+logging) and is unsafe on macOS; Python 3.14 moved off it for that reason. Unlike
+multiprocessing's spawn, we do not re-import the caller's ``__main__`` in each worker: no
+``if __name__ == "__main__"`` guard is needed, and functions and classes defined in a script or
+notebook travel by value (cloudpickle). Cost: each worker pays interpreter start-up (tens of
+ms, in parallel) and imports what the function needs; ``mt.Pool`` pays it once.
+
+Output: each worker's stdout/stderr is a pipe read here and relayed line by line through the
+progress bar, so prints neither garble the bar nor vanish in a notebook.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from typing import IO, Any
+
+import cloudpickle
+
+from multitrack._errors import WorkerStartError
+from multitrack.backends import _wire
+from multitrack.backends._base import (
+    Backend,
+    Chunk,
+    Completed,
+    Event,
+    Lost,
+    Output,
+    Running,
+)
+from multitrack.backends._worker import SLOT_SIZE, read_slot
+
+# A worker must say "booted" within this many seconds of being started (interpreter start-up
+# and imports; generous for loaded CI machines). The initializer itself is not bounded here.
+BOOT_TIMEOUT = 60.0
+# After "stop", how long a worker may take to exit before it is killed.
+EXIT_GRACE = 2.0
+# How many chunks one worker may hold: one running, one waiting, so it never idles.
+PER_WORKER = 2
+
+_PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_BOOT = (
+    "import sys; sys.path.insert(0, {path!r}); "
+    "from multitrack.backends._worker import main; main()"
+).format(path=_PACKAGE_PARENT)
+# Native thread pools: without a cap every worker starts one thread per core and N workers
+# fight over N cores. A user's own setting wins.
+_THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS")
+HAS_PIDFD = hasattr(os, "pidfd_open")
+
+
+@dataclass(eq=False)
+class _Sent:
+    chunk: Chunk
+    remaining: int  # items not reported yet
+    split: bool = False  # sent one item per message (after a pickling problem)
+
+
+@dataclass(eq=False)
+class _Proc:
+    """One worker process as seen from the parent."""
+
+    key: int
+    popen: subprocess.Popen[bytes]
+    conn: Connection
+    slot: mmap.mmap
+    pidfd: int | None
+    boot_deadline: float
+    state: str = "booting"  # booting -> ready -> (stopping) -> dead
+    sent: dict[int, _Sent] = field(default_factory=dict)
+    fn_version: int = 0
+    tasks_done: int = 0
+    pending_out: dict[str, bytes] = field(default_factory=dict)
+    last_stderr: bytes = b""
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+
+class ProcessBackend(Backend):
+    """Worker processes that survive crashes of the tasks they run."""
+
+    can_kill = True
+
+    def __init__(
+        self,
+        workers: int,
+        *,
+        initializer: Callable[..., Any] | None = None,
+        initargs: tuple[Any, ...] = (),
+        max_tasks_per_worker: int | None = None,
+    ) -> None:
+        self.slots = workers
+        self._initializer = initializer
+        self._initargs = initargs
+        self._max_tasks = max_tasks_per_worker
+        self._procs: dict[int, _Proc] = {}
+        self._next_key = 0
+        self._events: list[Event] = []
+        self._fn: Callable[..., Any] | None = None
+        self._fn_payload = b""
+        self._fn_version = 0
+        self._output: Output = _print_through
+        self._active = False
+        self._closed = False
+        self._thread_env = _thread_limits(workers)
+
+    # -- call lifecycle -------------------------------------------------------------------
+
+    def begin(self, fn: Callable[..., Any], output: Output) -> None:
+        if self._closed:
+            raise RuntimeError("this pool is closed")
+        self._fn_payload = _dump_function(fn, "fn")
+        self._fn, self._fn_version = fn, self._fn_version + 1
+        self._output = output
+        self._active = True
+        for proc in self._procs.values():
+            if proc.state == "ready":
+                self._send_function(proc)
+        while len(self._procs) < self.slots:
+            self._spawn()
+
+    def end(self, *, abort: bool) -> None:
+        self._active = False
+        self._events.clear()
+        for proc in list(self._procs.values()):
+            if proc.sent and abort:
+                self._kill(proc)
+                self._reap(proc, report=False)
+            proc.sent.clear()
+        self._fn = None
+
+    def close(self, *, kill: bool = False) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._active = False
+        procs = list(self._procs.values())
+        if not kill:
+            for proc in procs:
+                self._try_send(proc, ("stop",))
+            deadline = time.monotonic() + EXIT_GRACE
+            for proc in procs:
+                try:
+                    proc.popen.wait(max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    pass
+        for proc in procs:
+            self._kill(proc)
+            self._reap(proc, report=False)
+
+    # -- scheduling -----------------------------------------------------------------------
+
+    def capacity(self) -> int:
+        free = 0
+        for proc in self._procs.values():
+            if proc.state == "ready" and not self._exhausted(proc):
+                free += PER_WORKER - len(proc.sent)
+        return free
+
+    def submit(self, chunk: Chunk) -> None:
+        payload, unpicklable = _dump_args(chunk)
+        if unpicklable:
+            self._events.append(Completed(chunk.id, unpicklable, 0.0))
+        if payload is None:
+            return
+        target = self._pick_worker()
+        sent = _Sent(chunk, len(chunk.indices) - len(unpicklable), split=bool(unpicklable))
+        target.sent[chunk.id] = sent
+        if sent.split:  # send the picklable ones one by one, keeping their positions
+            for position, blob in payload[0]:
+                self._try_send(target, ("chunk", chunk.id, position, blob))
+        else:
+            self._try_send(target, ("chunk", chunk.id, 0, payload[1]))
+
+    def _pick_worker(self) -> _Proc:
+        # The least loaded worker. A waiting chunk is queued behind a running one; the
+        # worker's reader thread takes it off the socket at once, so this send does not wait
+        # for the running task (unless that task holds the GIL in C code for long).
+        candidates = [
+            p
+            for p in self._procs.values()
+            if p.state == "ready" and not self._exhausted(p) and len(p.sent) < PER_WORKER
+        ]
+        if not candidates:
+            raise RuntimeError("submit() without capacity")  # a scheduler bug, not user error
+        return min(candidates, key=lambda p: len(p.sent))
+
+    def _exhausted(self, proc: _Proc) -> bool:
+        if self._max_tasks is None:
+            return False
+        held = sum(len(s.chunk.indices) for s in proc.sent.values())
+        return proc.tasks_done + held >= self._max_tasks
+
+    def running(self) -> list[Running]:
+        now_running = []
+        for proc in self._procs.values():
+            if not proc.sent:
+                continue
+            current = read_slot(proc.slot)
+            if current is not None and current[0] in proc.sent:
+                now_running.append(Running(proc.key, current[0], current[1], current[2]))
+        return now_running
+
+    def kill(self, worker: int) -> None:
+        proc = self._procs.get(worker)
+        if proc is None:
+            return
+        self._kill(proc)
+        self._reap(proc, report=True, killed=True)
+
+    # -- waiting --------------------------------------------------------------------------
+
+    def poll(self, timeout: float | None) -> Sequence[Event]:
+        if self._events:
+            timeout = 0.0
+        timeout = self._bound_by_boot_deadlines(timeout)
+        if not HAS_PIDFD:
+            timeout = 0.5 if timeout is None else min(timeout, 0.5)
+        waitables: dict[Any, tuple[_Proc, str]] = {}
+        for proc in list(self._procs.values()):
+            waitables[proc.conn] = (proc, "conn")
+            if proc.pidfd is not None:
+                waitables[proc.pidfd] = (proc, "pidfd")
+            for name, stream in (("stdout", proc.popen.stdout), ("stderr", proc.popen.stderr)):
+                if stream is not None and not stream.closed:
+                    waitables[stream] = (proc, name)
+        ready = wait(list(waitables), timeout) if waitables else _sleep(timeout)
+        for obj in ready:
+            proc, what = waitables[obj]
+            if proc.state == "dead":
+                continue
+            if what == "conn":
+                self._receive(proc)
+            elif what == "pidfd":
+                self._reap(proc, report=True)
+            else:
+                self._relay(proc, what)
+        self._check_health()
+        events, self._events = self._events, []
+        return events
+
+    def _bound_by_boot_deadlines(self, timeout: float | None) -> float | None:
+        booting = [p.boot_deadline for p in self._procs.values() if p.state == "booting"]
+        if not booting:
+            return timeout
+        left = max(0.0, min(booting) - time.monotonic())
+        return left if timeout is None else min(timeout, left)
+
+    def _check_health(self) -> None:
+        now = time.monotonic()
+        for proc in list(self._procs.values()):
+            if proc.state == "booting" and now > proc.boot_deadline:
+                self._kill(proc)
+                self._reap(proc, report=False)
+                raise WorkerStartError(
+                    f"a worker process did not start within {BOOT_TIMEOUT:.0f} s "
+                    f"(pid {proc.pid}){_stderr_tail(proc)}"
+                )
+            if not HAS_PIDFD and proc.state != "dead" and proc.popen.poll() is not None:
+                self._reap(proc, report=True)
+        if self._active:
+            while len(self._procs) < self.slots:
+                self._spawn()
+
+    def _receive(self, proc: _Proc) -> None:
+        try:
+            while proc.conn.poll(0):
+                self._handle(proc, _wire.loads(proc.conn.recv_bytes()))
+        except (EOFError, OSError):
+            self._reap(proc, report=True)
+
+    def _handle(self, proc: _Proc, message: tuple[Any, ...]) -> None:
+        kind = message[0]
+        if kind == "done":
+            self._on_done(proc, *message[1:])
+        elif kind == "booted":
+            proc.state = "initializing"
+        elif kind == "ready":
+            proc.state = "ready"
+        elif kind == "chunk_error":
+            self._on_chunk_error(proc, message[1], message[2], message[3])
+        elif kind == "start_error":
+            raise WorkerStartError(
+                f"the initializer failed in worker pid {proc.pid}: "
+                f"{_wire.describe(_wire.unpack_error(message[1]))}"
+            ) from _wire.unpack_error(message[1])
+        elif kind == "fn_error":
+            cause = _wire.unpack_error(message[1])
+            raise WorkerStartError(
+                f"the function could not be loaded in a worker process: {_wire.describe(cause)}"
+                " (is its module importable from the worker's sys.path?)"
+            ) from cause
+
+    def _on_done(
+        self, proc: _Proc, chunk_id: int, first: int, results: list[Any], busy: float
+    ) -> None:
+        sent = proc.sent.get(chunk_id)
+        if sent is None:  # a chunk of an aborted call finishing late: not ours any more
+            return
+        indices = sent.chunk.indices
+        outcomes = [
+            (indices[position], ok, value if ok else _wire.unpack_error(value))
+            for position, (ok, value) in enumerate(results, first)
+        ]
+        sent.remaining -= len(outcomes)
+        proc.tasks_done += len(outcomes)
+        if sent.remaining <= 0:
+            del proc.sent[chunk_id]
+        self._events.append(Completed(chunk_id, outcomes, busy))
+        if self._max_tasks is not None and not proc.sent and self._exhausted(proc):
+            self._retire(proc)
+
+    def _on_chunk_error(self, proc: _Proc, chunk_id: int, first: int, packed: Any) -> None:
+        """The worker could not unpickle a chunk's arguments. Resend its items one by one, so
+        that only the item that really cannot be rebuilt there fails."""
+        sent = proc.sent.get(chunk_id)
+        if sent is None:
+            return
+        chunk = sent.chunk
+        if sent.split or len(chunk.indices) == 1:
+            sent.remaining -= 1
+            if sent.remaining <= 0:
+                del proc.sent[chunk_id]
+            error = (chunk.indices[first], False, _wire.unpack_error(packed))
+            self._events.append(Completed(chunk_id, [error], 0.0))
+            return
+        sent.split = True
+        for position, args in enumerate(chunk.args):
+            self._try_send(proc, ("chunk", chunk_id, position, _wire.dumps([args])))
+
+    # -- worker processes -----------------------------------------------------------------
+
+    def _spawn(self) -> _Proc:
+        parent_sock, child_sock = socket.socketpair()
+        slot_file = tempfile.TemporaryFile()
+        try:
+            os.ftruncate(slot_file.fileno(), SLOT_SIZE)
+            popen = subprocess.Popen(
+                [sys.executable, "-c", _BOOT, str(child_sock.fileno()), str(slot_file.fileno())],
+                pass_fds=(child_sock.fileno(), slot_file.fileno()),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+                env=self._thread_env,
+            )
+            slot = mmap.mmap(slot_file.fileno(), SLOT_SIZE)
+        except OSError as exc:
+            parent_sock.close()
+            raise WorkerStartError(f"could not start a worker process: {exc}") from exc
+        finally:
+            child_sock.close()
+            slot_file.close()
+        for stream in (popen.stdout, popen.stderr):
+            if stream is not None:
+                os.set_blocking(stream.fileno(), False)
+        proc = _Proc(
+            key=self._next_key,
+            popen=popen,
+            conn=Connection(parent_sock.detach()),
+            slot=slot,
+            pidfd=_pidfd(popen.pid),
+            boot_deadline=time.monotonic() + BOOT_TIMEOUT,
+        )
+        self._next_key += 1
+        self._procs[proc.key] = proc
+        init = cloudpickle.dumps((self._initializer, self._initargs, self._fn))
+        self._try_send(proc, ("init", list(sys.path), init))
+        proc.fn_version = self._fn_version
+        return proc
+
+    def _send_function(self, proc: _Proc) -> None:
+        if proc.fn_version != self._fn_version:
+            self._try_send(proc, ("fn", self._fn_payload))
+            proc.fn_version = self._fn_version
+
+    def _retire(self, proc: _Proc) -> None:
+        proc.state = "stopping"
+        self._try_send(proc, ("stop",))
+
+    def _try_send(self, proc: _Proc, message: tuple[Any, ...]) -> None:
+        try:
+            proc.conn.send_bytes(_wire.dumps(message))
+        except OSError:
+            # It is dying; its pidfd or EOF reports the death with everything it held.
+            pass
+
+    def _kill(self, proc: _Proc) -> None:
+        if proc.popen.returncode is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def _reap(self, proc: _Proc, *, report: bool, killed: bool = False) -> None:
+        """Collect a dead (or dying) worker: drain what it sent, reap it, release its
+        resources, and report the chunks it still held."""
+        if proc.state == "dead":
+            return
+        if report:
+            try:
+                while proc.conn.poll(0):
+                    self._handle(proc, _wire.loads(proc.conn.recv_bytes()))
+            except (EOFError, OSError):
+                pass
+        was_booting = proc.state in ("booting", "initializing")
+        proc.state = "dead"
+        try:
+            proc.popen.wait(1.0)
+        except subprocess.TimeoutExpired:
+            self._kill(proc)  # it closed its socket but lives on: not ours to trust
+            proc.popen.wait()
+        for name in ("stdout", "stderr"):
+            self._relay(proc, name, final=True)
+        current = read_slot(proc.slot)
+        self._release(proc)
+        del self._procs[proc.key]
+        if report and was_booting and proc.popen.returncode != 0 and self._active:
+            raise WorkerStartError(
+                f"a worker process exited with code {proc.popen.returncode} before it was "
+                f"ready (pid {proc.pid}){_stderr_tail(proc)}"
+            )
+        if report and proc.sent:
+            running = (current[0], current[1]) if current and current[0] in proc.sent else None
+            self._events.append(
+                Lost(
+                    worker=proc.key,
+                    chunk_ids=list(proc.sent),
+                    running=running,
+                    returncode=proc.popen.returncode,
+                    pid=proc.pid,
+                    killed=killed,
+                )
+            )
+        proc.sent.clear()
+
+    def _release(self, proc: _Proc) -> None:
+        proc.conn.close()
+        proc.slot.close()
+        if proc.pidfd is not None:
+            os.close(proc.pidfd)
+        for stream in (proc.popen.stdout, proc.popen.stderr):
+            if stream is not None:
+                stream.close()
+
+    def _relay(self, proc: _Proc, name: str, *, final: bool = False) -> None:
+        stream: IO[bytes] | None = getattr(proc.popen, name)
+        if stream is None or stream.closed:
+            return
+        fresh = b""
+        while True:
+            try:
+                block = os.read(stream.fileno(), 65536)
+            except BlockingIOError:
+                break
+            except OSError:
+                block = b""
+            if not block:
+                stream.close()
+                final = True
+                break
+            fresh += block
+        if name == "stderr":
+            proc.last_stderr = (proc.last_stderr + fresh)[-2000:]
+        data = proc.pending_out.get(name, b"") + fresh
+        complete, _, rest = data.rpartition(b"\n")
+        if final and rest:
+            complete, rest = data + b"\n", b""
+        elif complete:
+            complete += b"\n"
+        proc.pending_out[name] = rest
+        if complete:
+            self._output(complete.decode("utf-8", "replace"), name)
+
+
+def _dump_function(fn: Callable[..., Any], argument: str) -> bytes:
+    try:
+        return cloudpickle.dumps(fn)  # type: ignore[no-any-return]
+    except Exception as exc:
+        raise TypeError(
+            f"{argument}={fn!r} cannot be sent to worker processes: {_wire.describe(exc)}. "
+            "Move what it captures into its arguments, or use backend='thread'."
+        ) from exc
+
+
+def _dump_args(
+    chunk: Chunk,
+) -> tuple[tuple[list[tuple[int, bytes]], bytes] | None, list[tuple[int, bool, Any]]]:
+    """Pickle a chunk's arguments. Returns ``((per-position payloads, whole payload) | None,
+    failures)``: when the whole chunk pickles, one payload; otherwise the items are pickled one
+    by one and those that fail become failures of their own task."""
+    try:
+        return ([], _wire.dumps(chunk.args)), []
+    except Exception:
+        pass
+    singles: list[tuple[int, bytes]] = []
+    failures: list[tuple[int, bool, Any]] = []
+    for position, args in enumerate(chunk.args):
+        try:
+            singles.append((position, _wire.dumps([args])))
+        except Exception as exc:
+            error = _wire.pickling_failure("an argument", args, exc)
+            failures.append((chunk.indices[position], False, error))
+    if not singles:
+        return None, failures
+    return (singles, singles[0][1]), failures
+
+
+def _pidfd(pid: int) -> int | None:
+    if not HAS_PIDFD:
+        return None
+    try:
+        return os.pidfd_open(pid)
+    except OSError:  # old kernel
+        return None
+
+
+def _thread_limits(workers: int) -> dict[str, str]:
+    env = dict(os.environ)
+    per_worker = str(max(1, (os.cpu_count() or 1) // max(1, workers)))
+    for name in _THREAD_ENV:
+        env.setdefault(name, per_worker)
+    return env
+
+
+def _stderr_tail(proc: _Proc) -> str:
+    tail = proc.last_stderr.decode("utf-8", "replace").strip()
+    if not tail:
+        return ""
+    return "; its last output was:\n" + "\n".join(tail.splitlines()[-15:])
+
+
+def _sleep(timeout: float | None) -> list[Any]:
+    time.sleep(0.05 if timeout is None else min(timeout, 0.05))
+    return []
+
+
+def _print_through(text: str, stream: str) -> None:
+    out = sys.stderr if stream == "stderr" else sys.stdout
+    out.write(text)
+    out.flush()

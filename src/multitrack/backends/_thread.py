@@ -1,0 +1,221 @@
+"""The thread backend: worker threads in the caller's process, for I/O-bound work or code that
+releases the GIL (numpy, OpenCV, network calls).
+
+Each thread has its own inbox; all of them post to one outbox the scheduler waits on with a
+timeout. Nothing is pickled: the function and its arguments are shared objects.
+
+Threads cannot be killed. ``kill`` (used for timeouts) therefore *abandons* the thread: the
+scheduler treats the task as timed out and a fresh thread takes the slot, while the abandoned
+one finishes the item it is stuck in, drops its result and exits. Its item cannot be stopped;
+that is the documented price of threads (trio's ``abandon_on_cancel`` makes the same trade).
+For the same reason ``end(abort=True)`` cannot stop an item in progress: it lets it finish and
+discards the result.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from multitrack._errors import WorkerStartError
+from multitrack.backends._base import Backend, Chunk, Completed, Event, Lost, Output, Running
+from multitrack.backends._process import PER_WORKER
+
+JOIN_GRACE = 2.0
+
+
+@dataclass(eq=False)
+class _Thread:
+    key: int
+    inbox: queue.SimpleQueue[Chunk | None] = field(default_factory=queue.SimpleQueue)
+    thread: threading.Thread | None = None
+    ready: bool = False
+    abandoned: bool = False
+    held: dict[int, Chunk] = field(default_factory=dict)
+    current: tuple[int, int, float] | None = None
+    tasks_done: int = 0
+
+
+class ThreadBackend(Backend):
+    """A pool of worker threads."""
+
+    can_kill = False
+
+    def __init__(
+        self,
+        workers: int,
+        *,
+        initializer: Callable[..., Any] | None = None,
+        initargs: tuple[Any, ...] = (),
+        max_tasks_per_worker: int | None = None,
+    ) -> None:
+        self.slots = workers
+        self._initializer = initializer
+        self._initargs = initargs
+        self._max_tasks = max_tasks_per_worker
+        self._threads: dict[int, _Thread] = {}
+        self._next_key = 0
+        self._outbox: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self._fn: Callable[..., Any] | None = None
+        self._call = 0  # results of an earlier call are told apart by this number
+        self._events: list[Event] = []
+        self._closed = False
+
+    def begin(self, fn: Callable[..., Any], output: Output) -> None:
+        if self._closed:
+            raise RuntimeError("this pool is closed")
+        self._fn = fn
+        self._call += 1
+        while len(self._threads) < self.slots:
+            self._spawn()
+
+    def capacity(self) -> int:
+        return sum(
+            PER_WORKER - len(t.held)
+            for t in self._threads.values()
+            if t.ready and not self._exhausted(t)
+        )
+
+    def _exhausted(self, worker: _Thread) -> bool:
+        if self._max_tasks is None:
+            return False
+        held = sum(len(c.indices) for c in worker.held.values())
+        return worker.tasks_done + held >= self._max_tasks
+
+    def submit(self, chunk: Chunk) -> None:
+        candidates = [
+            t
+            for t in self._threads.values()
+            if t.ready and not self._exhausted(t) and len(t.held) < PER_WORKER
+        ]
+        if not candidates:
+            raise RuntimeError("submit() without capacity")
+        target = min(candidates, key=lambda t: len(t.held))
+        target.held[chunk.id] = chunk
+        target.inbox.put(chunk)
+
+    def poll(self, timeout: float | None) -> Sequence[Event]:
+        if self._events:
+            timeout = 0.0
+        try:
+            messages = [self._outbox.get(timeout=timeout)]
+        except queue.Empty:
+            messages = []
+        while True:
+            try:
+                messages.append(self._outbox.get_nowait())
+            except queue.Empty:
+                break
+        for message in messages:
+            self._handle(message)
+        events, self._events = self._events, []
+        return events
+
+    def _handle(self, message: tuple[Any, ...]) -> None:
+        kind, key = message[0], message[1]
+        worker = self._threads.get(key)
+        if worker is None or worker.abandoned:
+            return
+        if kind == "ready":
+            worker.ready = True
+        elif kind == "start_error":
+            cause = message[2]
+            raise WorkerStartError(
+                f"the initializer failed in a worker thread: {type(cause).__name__}: {cause}"
+            ) from cause
+        elif kind == "done":
+            _, _, call, chunk_id, outcomes, busy = message
+            if call != self._call or worker.held.pop(chunk_id, None) is None:
+                return
+            worker.tasks_done += len(outcomes)
+            self._events.append(Completed(chunk_id, outcomes, busy))
+            if self._max_tasks is not None and not worker.held and self._exhausted(worker):
+                self._retire(worker)
+
+    def running(self) -> list[Running]:
+        now_running = []
+        for worker in self._threads.values():
+            current = worker.current
+            if current is not None and current[0] in worker.held:
+                now_running.append(Running(worker.key, *current))
+        return now_running
+
+    def kill(self, worker: int) -> None:
+        victim = self._threads.get(worker)
+        if victim is None:
+            return
+        current = victim.current
+        running = (current[0], current[1]) if current and current[0] in victim.held else None
+        self._retire(victim)
+        self._events.append(Lost(victim.key, list(victim.held), running, None, None, True))
+        victim.held.clear()
+        while len(self._threads) < self.slots and not self._closed:
+            self._spawn()
+
+    def end(self, *, abort: bool) -> None:
+        self._events.clear()
+        for worker in list(self._threads.values()):
+            if worker.held and abort:
+                self._retire(worker)  # its item runs to completion; the result is dropped
+            worker.held.clear()
+        self._fn = None
+
+    def close(self, *, kill: bool = False) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        workers = list(self._threads.values())
+        for worker in workers:
+            self._retire(worker)
+        if not kill:
+            deadline = time.monotonic() + JOIN_GRACE
+            for worker in workers:
+                if worker.thread is not None:
+                    worker.thread.join(max(0.0, deadline - time.monotonic()))
+
+    def _retire(self, worker: _Thread) -> None:
+        worker.abandoned = True
+        worker.inbox.put(None)
+        self._threads.pop(worker.key, None)
+
+    def _spawn(self) -> None:
+        worker = _Thread(self._next_key)
+        self._next_key += 1
+        worker.thread = threading.Thread(
+            target=self._serve, args=(worker,), name=f"multitrack-worker-{worker.key}", daemon=True
+        )
+        self._threads[worker.key] = worker
+        worker.thread.start()
+
+    def _serve(self, worker: _Thread) -> None:
+        if self._initializer is not None:
+            try:
+                self._initializer(*self._initargs)
+            except BaseException as exc:
+                self._outbox.put(("start_error", worker.key, exc))
+                return
+        self._outbox.put(("ready", worker.key))
+        clock = time.monotonic
+        while True:
+            chunk = worker.inbox.get()
+            if chunk is None or worker.abandoned:
+                return
+            call, fn = self._call, self._fn
+            if fn is None:
+                continue
+            outcomes = []
+            begun = clock()
+            for position, args in enumerate(chunk.args):
+                worker.current = (chunk.id, position, clock())
+                try:
+                    outcomes.append((chunk.indices[position], True, fn(*args)))
+                except BaseException as exc:
+                    outcomes.append((chunk.indices[position], False, exc))
+                if worker.abandoned:
+                    return
+            worker.current = None
+            self._outbox.put(("done", worker.key, call, chunk.id, outcomes, clock() - begun))

@@ -1,0 +1,98 @@
+"""How things cross the process boundary: pickling with fallbacks, and failures as data.
+
+Imported by the worker, so it stays small and imports nothing heavy.
+
+Two rules:
+
+* Plain ``pickle`` first (it is C and fast); ``cloudpickle`` only when plain pickle refuses
+  (lambdas, closures) or when the pickle names ``__main__``: workers are fresh interpreters
+  whose ``__main__`` is not the caller's script, so a class or function defined there must
+  travel by value. cloudpickle tracks classes it sent by value, so an instance coming back
+  from a worker is rebuilt as the caller's own class.
+* A value that cannot be pickled or unpickled becomes a *failure of that one task*, described
+  in words (which object, which type, why), never a crash of the worker or the scheduler.
+"""
+
+from __future__ import annotations
+
+import pickle
+import traceback
+from typing import Any
+
+import cloudpickle
+
+from multitrack._errors import RemoteError, RemoteTraceback
+
+PROTOCOL = pickle.HIGHEST_PROTOCOL
+
+
+def dumps(obj: Any) -> bytes:
+    """Pickle ``obj``; fall back to cloudpickle for what plain pickle cannot carry."""
+    try:
+        data = pickle.dumps(obj, PROTOCOL)
+    except Exception:
+        return cloudpickle.dumps(obj, PROTOCOL)  # type: ignore[no-any-return]
+    if b"__main__" in data:
+        # A reference into the caller's script, which a worker cannot import: send by value.
+        return cloudpickle.dumps(obj, PROTOCOL)  # type: ignore[no-any-return]
+    return data
+
+
+loads = pickle.loads
+
+
+def describe(exc: BaseException) -> str:
+    """``"ValueError: bad"``; never raises, even for a broken ``__str__``."""
+    try:
+        text = str(exc)
+    except Exception:
+        text = "<str() failed>"
+    name = type(exc).__qualname__
+    return f"{name}: {text}" if text else name
+
+
+def qualified_name(tp: type) -> str:
+    module = getattr(tp, "__module__", None)
+    if module in (None, "builtins", "__main__"):
+        return tp.__qualname__
+    return f"{module}.{tp.__qualname__}"
+
+
+def pack_error(exc: BaseException) -> tuple[str, str, str, bytes | None]:
+    """A task's exception as data: (type name, message, traceback text, pickled exception).
+
+    The pickled form is ``None`` when the exception cannot be pickled; the parent then builds
+    a ``RemoteError`` from the text parts."""
+    tb_text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        message = str(exc)
+    except Exception:
+        message = "<str() failed>"
+    try:
+        blob: bytes | None = dumps(exc)
+    except Exception:
+        blob = None
+    return (qualified_name(type(exc)), message, tb_text, blob)
+
+
+def unpack_error(packed: tuple[str, str, str, bytes | None]) -> BaseException:
+    """Rebuild a task's exception in the parent, with the worker's traceback as its cause."""
+    type_name, message, tb_text, blob = packed
+    exc: BaseException | None = None
+    if blob is not None:
+        try:
+            exc = loads(blob)
+        except Exception as unpickle_error:
+            message = f"{message} (its class could not be rebuilt here: {describe(unpickle_error)})"
+    if not isinstance(exc, BaseException):
+        exc = RemoteError(type_name, message, tb_text)
+    exc.__cause__ = RemoteTraceback(tb_text)
+    return exc
+
+
+def pickling_failure(what: str, obj: Any, exc: BaseException) -> RemoteError:
+    """The error for a value that could not cross the boundary."""
+    message = (
+        f"{what} of type {qualified_name(type(obj))} could not be pickled: {describe(exc)}"
+    )
+    return RemoteError("PicklingError", message, "")

@@ -1,0 +1,210 @@
+"""The child side of the process backend: one worker process.
+
+A worker is a fresh interpreter started by ``_process.py`` (never a fork of the caller). It owns
+the child ends of two things the parent created for it:
+
+* a duplex socket (``conn``): chunks and control messages come in, results go out; a reader
+  thread drains it into a local queue, so the parent's sends never block on a busy worker and
+  the parent's death (EOF) is noticed even in the middle of a long task;
+* a 32-byte shared memory "slot" (an mmap of an unlinked file) where it records which item it
+  is running and since when. The parent reads it to blame a crash on exactly one item and to
+  enforce per-task deadlines, without a message per item.
+
+Messages in::
+
+    ("init", sys_path, payload)    payload: cloudpickle of (initializer, initargs, fn or None);
+                                   one pickle, so that a function defined in the caller's
+                                   script sees the globals its initializer set
+    ("fn", payload)                the call's function, shipped once per worker per call
+    ("chunk", chunk_id, first, payload)   payload: pickle of a list of argument tuples, for
+                                   positions first, first + 1, ... of the chunk
+    ("stop",)
+
+Messages out::
+
+    ("booted", pid)                 the interpreter is up (bounds the start-up time)
+    ("ready",) | ("start_error", packed_error)
+    ("fn_error", packed_error)      the function could not be rebuilt here
+    ("done", chunk_id, first_position, [(ok, value_or_packed_error), ...], busy_seconds)
+    ("chunk_error", chunk_id, first, packed_error)   the arguments could not be unpickled
+
+The worker runs in its own session (process group), so a terminal's Ctrl-C reaches only the
+parent, which then kills whole worker groups; it ignores SIGINT for the same reason.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import mmap
+import os
+import queue
+import signal
+import struct
+import sys
+import threading
+import time
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from typing import Any
+
+from multitrack.backends import _wire
+
+# Slot layout: seq (odd while being written), chunk id (-1: idle), position, start time.
+SLOT_FORMAT = "qqqd"
+SLOT_SIZE = struct.calcsize(SLOT_FORMAT)
+IDLE = -1
+
+# Send partial results of a long chunk at least this often, so the bar moves and a crash
+# late in a chunk loses little finished work.
+FLUSH_EVERY = 0.25
+
+
+class Slot:
+    """What this worker is running now, in memory the parent can read (a seqlock)."""
+
+    def __init__(self, fd: int) -> None:
+        self._map = mmap.mmap(fd, SLOT_SIZE)
+        self._seq = 0
+
+    def set(self, chunk_id: int, position: int, started_at: float) -> None:
+        self._seq += 1
+        struct.pack_into(SLOT_FORMAT, self._map, 0, self._seq, chunk_id, position, started_at)
+        self._seq += 1
+        struct.pack_into("q", self._map, 0, self._seq)
+
+
+def read_slot(view: mmap.mmap) -> tuple[int, int, float] | None:
+    """Parent side: ``(chunk_id, position, started_at)``, or ``None`` when idle."""
+    for _ in range(100):
+        seq, chunk_id, position, started = struct.unpack_from(SLOT_FORMAT, view, 0)
+        if seq % 2 == 0 and struct.unpack_from("q", view, 0)[0] == seq:
+            return None if chunk_id == IDLE else (chunk_id, position, started)
+    return None  # pragma: no cover - a writer that never finishes is a dead writer
+
+
+def _die_with_parent(conn: Connection, inbox: queue.SimpleQueue[Any]) -> None:
+    """Reader thread: move messages to the inbox; when the parent is gone, take this whole
+    process group down (the task may have started processes of its own)."""
+    try:
+        while True:
+            inbox.put(_wire.loads(conn.recv_bytes()))
+    except (EOFError, OSError):
+        pass
+    try:
+        os.killpg(os.getpgid(0), signal.SIGKILL)
+    finally:
+        os._exit(1)
+
+
+class Worker:
+    def __init__(self, conn: Connection, slot: Slot) -> None:
+        self.conn = conn
+        self.slot = slot
+        self.fn: Callable[..., Any] | None = None
+        self.inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+
+    def send(self, message: tuple[Any, ...]) -> None:
+        self.conn.send_bytes(_wire.dumps(message))
+
+    def serve(self) -> None:
+        threading.Thread(
+            target=_die_with_parent, args=(self.conn, self.inbox), daemon=True
+        ).start()
+        self.send(("booted", os.getpid()))
+        while True:
+            message = self.inbox.get()
+            kind = message[0]
+            if kind == "chunk":
+                self.run_chunk(message[1], message[2], message[3])
+            elif kind == "fn":
+                self.load_function(message[1])
+            elif kind == "init":
+                if not self.initialize(message[1], message[2]):
+                    return
+            elif kind == "stop":
+                return
+
+    def initialize(self, sys_path: list[str], payload: bytes) -> bool:
+        sys.path[:] = sys_path
+        try:
+            initializer, initargs, self.fn = _wire.loads(payload)
+            if initializer is not None:
+                initializer(*initargs)
+        except BaseException as exc:
+            self.send(("start_error", _wire.pack_error(exc)))
+            return False
+        self.send(("ready",))
+        return True
+
+    def load_function(self, payload: bytes) -> None:
+        try:
+            self.fn = _wire.loads(payload)
+        except BaseException as exc:
+            self.fn = None
+            self.send(("fn_error", _wire.pack_error(exc)))
+
+    def run_chunk(self, chunk_id: int, first: int, payload: bytes) -> None:
+        try:
+            calls = _wire.loads(payload)
+        except BaseException as exc:
+            self.send(("chunk_error", chunk_id, first, _wire.pack_error(exc)))
+            return
+        fn = self.fn
+        assert fn is not None, "a chunk arrived before its function"
+        clock = time.monotonic
+        outcomes: list[tuple[bool, Any]] = []
+        flushed_at = begun = clock()
+        for position, args in enumerate(calls, first):
+            now = clock()
+            if now - flushed_at >= FLUSH_EVERY and outcomes:
+                self.send_done(chunk_id, first, outcomes, now - begun)
+                first, outcomes, flushed_at, begun = position, [], now, now
+            self.slot.set(chunk_id, position, now)
+            try:
+                outcomes.append((True, fn(*args)))
+            except BaseException as exc:  # SystemExit, KeyboardInterrupt too: a task failure
+                outcomes.append((False, _wire.pack_error(exc)))
+        self.send_done(chunk_id, first, outcomes, clock() - begun)
+        self.slot.set(IDLE, 0, 0.0)
+
+    def send_done(
+        self, chunk_id: int, first: int, outcomes: list[tuple[bool, Any]], busy: float
+    ) -> None:
+        message = ("done", chunk_id, first, outcomes, busy)
+        try:
+            data = _wire.dumps(message)
+        except BaseException:
+            data = _wire.dumps(("done", chunk_id, first, _picklable(outcomes), busy))
+        self.conn.send_bytes(data)
+
+
+def _picklable(outcomes: list[tuple[bool, Any]]) -> list[tuple[bool, Any]]:
+    """Replace each result that cannot be pickled by a failure that says so."""
+    fixed: list[tuple[bool, Any]] = []
+    for ok, value in outcomes:
+        try:
+            _wire.dumps(value)
+        except BaseException as exc:
+            what = "the task's result" if ok else "the task's exception"
+            error = _wire.pickling_failure(what, value, exc)
+            fixed.append((False, _wire.pack_error(error)))
+        else:
+            fixed.append((ok, value))
+    return fixed
+
+
+def main() -> None:
+    """Entry point: ``python -c '...main()' CONN_FD SLOT_FD``."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    faulthandler.enable()
+    # Worker output is relayed line by line above the caller's progress bar.
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(line_buffering=True)
+    conn_fd, slot_fd = int(sys.argv[1]), int(sys.argv[2])
+    worker = Worker(Connection(conn_fd), Slot(slot_fd))
+    os.close(slot_fd)
+    try:
+        worker.serve()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
