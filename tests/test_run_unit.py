@@ -75,7 +75,7 @@ class FakeBackend(Backend):
     def _run(self, worker: int, queue: list[Chunk]) -> list[Event]:
         chunk = queue[0]
         outcomes = []
-        for position, (index, args) in enumerate(zip(chunk.indices, chunk.args)):
+        for position, (index, args) in enumerate(zip(chunk.indices, chunk.args, strict=True)):
             kind = args[0][0]
             if kind == Script.HANG:
                 self.hung[worker] = (chunk, position, self.clock.now)
@@ -184,8 +184,9 @@ def make_run(
 @pytest.mark.parametrize("chunksize", [1, 3, None])
 @pytest.mark.parametrize("ordered", [True, False])
 def test_every_input_yields_one_result(chunksize: int | None, ordered: bool) -> None:
-    run, backend, progress = make_run([ok(i) for i in range(50)], ordered=ordered,
-                                      chunksize=chunksize)
+    run, backend, progress = make_run(
+        [ok(i) for i in range(50)], ordered=ordered, chunksize=chunksize
+    )
     results = list(run)
     assert (results if ordered else sorted(results)) == list(range(50))
     assert progress.done == 50
@@ -250,8 +251,9 @@ def test_bystander_requeues_are_bounded() -> None:
 
 def test_timeout_kills_the_hung_task_and_waits_exactly_until_its_deadline() -> None:
     clock = FakeClock()
-    run, backend, progress = make_run([ok(0), (Script.HANG,), ok(2)], clock=clock, timeout=5.0,
-                                      errors="return")
+    run, backend, progress = make_run(
+        [ok(0), (Script.HANG,), ok(2)], clock=clock, timeout=5.0, errors="return"
+    )
     start = clock.now
     results = list(run)
     assert results[0] == 0 and results[2] == 2
@@ -279,7 +281,7 @@ def test_retries_rerun_failures_and_count_attempts() -> None:
     def as_outcomes(worker: int, queue: list[Chunk]) -> list[Event]:
         chunk = queue.pop(0)
         outcomes = []
-        for index, args in zip(chunk.indices, chunk.args):
+        for index, args in zip(chunk.indices, chunk.args, strict=True):
             try:
                 outcomes.append((index, True, flaky(*args)))
             except OSError as exc:
@@ -301,8 +303,9 @@ def test_retries_exhausted_report_attempts() -> None:
 
 def test_retry_delay_is_respected_with_backoff() -> None:
     clock = FakeClock()
-    run, _, _ = make_run([(Script.RAISE, OSError("x"))], clock=clock, retries=2,
-                         retry_delay=1.0, errors="return")
+    run, _, _ = make_run(
+        [(Script.RAISE, OSError("x"))], clock=clock, retries=2, retry_delay=1.0, errors="return"
+    )
     start = clock.now
     list(run)
     # first retry after 1 s, second after 2 s more (plus three 10 ms task runs)

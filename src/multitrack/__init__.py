@@ -6,7 +6,11 @@ Example:
     [1, 2, 3]
 """
 
-from multitrack._api import Pool, imap, map, starmap
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from multitrack._errors import (
     MultitrackError,
     RemoteError,
@@ -15,7 +19,10 @@ from multitrack._errors import (
     WorkerCrashed,
     WorkerStartError,
 )
-from multitrack._mmengine import track_iter_progress, track_parallel_progress, track_progress
+
+if TYPE_CHECKING:
+    from multitrack._api import Pool, imap, map, starmap
+    from multitrack._mmengine import track_iter_progress, track_parallel_progress, track_progress
 
 __version__ = "0.1.0"
 
@@ -35,12 +42,44 @@ __all__ = [
     "track_progress",
 ]
 
-# Show public names as ``multitrack.X`` in reprs and tracebacks, not ``multitrack._api.X``.
-for _name in __all__:
-    _obj = globals()[_name]
-    if getattr(_obj, "__module__", "").startswith("multitrack."):
-        try:
-            _obj.__module__ = "multitrack"
-        except (AttributeError, TypeError):  # pragma: no cover - builtins
-            pass
-del _name, _obj
+# The calls are imported on first use: worker processes import this package too, and they
+# need none of the parent side (the scheduler, tqdm), which would add to every worker's start.
+_LAZY = {
+    "Pool": "multitrack._api",
+    "imap": "multitrack._api",
+    "map": "multitrack._api",
+    "starmap": "multitrack._api",
+    "track_iter_progress": "multitrack._mmengine",
+    "track_parallel_progress": "multitrack._mmengine",
+    "track_progress": "multitrack._mmengine",
+}
+
+
+def _public(obj: Any) -> Any:
+    """Show a public name as ``multitrack.X`` in reprs and tracebacks."""
+    if getattr(obj, "__module__", "").startswith("multitrack."):
+        obj.__module__ = "multitrack"
+    return obj
+
+
+for _error in (
+    MultitrackError,
+    RemoteError,
+    TaskError,
+    TaskTimeout,
+    WorkerCrashed,
+    WorkerStartError,
+):
+    _public(_error)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'multitrack' has no attribute {name!r}")
+    value = _public(getattr(importlib.import_module(_LAZY[name]), name))
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])

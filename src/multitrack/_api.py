@@ -44,17 +44,24 @@ class CallOptions(TypedDict, total=False):
     retry_delay: float
 
 
-class MapOptions(CallOptions, total=False):
-    """``CallOptions`` plus the options that shape the workers."""
+class PoolOptions(CallOptions, total=False):
+    """``CallOptions`` plus those that shape the workers (``workers`` aside)."""
 
-    workers: int | None
     backend: str
     initializer: Callable[..., Any] | None
     initargs: tuple[Any, ...]
     max_tasks_per_worker: int | None
 
 
-def map(fn: Callable[..., Any], *iterables: Iterable[Any], **options: Unpack[MapOptions]) -> list[Any]:
+class MapOptions(PoolOptions, total=False):
+    """Every option of ``map``."""
+
+    workers: int | None
+
+
+def map(
+    fn: Callable[..., Any], *iterables: Iterable[Any], **options: Unpack[MapOptions]
+) -> list[Any]:
     """Run ``fn`` on every item, on every core, with a progress bar; return the results in
     input order, like ``list(builtins.map(fn, *iterables))``.
 
@@ -88,7 +95,9 @@ def map(fn: Callable[..., Any], *iterables: Iterable[Any], **options: Unpack[Map
     return list(call.start(max_ahead=None))
 
 
-def imap(fn: Callable[..., Any], *iterables: Iterable[Any], **options: Unpack[MapOptions]) -> Iterator[Any]:
+def imap(
+    fn: Callable[..., Any], *iterables: Iterable[Any], **options: Unpack[MapOptions]
+) -> Iterator[Any]:
     """Like ``map``, but lazy: results are yielded as they are ready (in input order, or in
     completion order with ``ordered=False``). Input is consumed as workers need it and memory
     stays bounded, so an endless generator works. Closing the iterator (``break`` out of the
@@ -106,7 +115,9 @@ def imap(fn: Callable[..., Any], *iterables: Iterable[Any], **options: Unpack[Ma
     return call.start(max_ahead=MAX_AHEAD)
 
 
-def starmap(fn: Callable[..., Any], iterable: Iterable[Iterable[Any]], **options: Unpack[MapOptions]) -> list[Any]:
+def starmap(
+    fn: Callable[..., Any], iterable: Iterable[Iterable[Any]], **options: Unpack[MapOptions]
+) -> list[Any]:
     """Like ``map``, but each item is a tuple of arguments: ``fn(*item)``.
 
     Example:
@@ -130,8 +141,16 @@ def run_calls(
     object of their own. ``options`` are those of ``map``."""
     opts = validate(**options)
     backend = _new_backend(opts)
-    return _Call(fn, iter(calls), total, opts, backend, owns_backend=True, progress=progress,
-                 describe=_single_or_tuple).start(max_ahead=MAX_AHEAD)
+    return _Call(
+        fn,
+        iter(calls),
+        total,
+        opts,
+        backend,
+        owns_backend=True,
+        progress=progress,
+        describe=_single_or_tuple,
+    ).start(max_ahead=MAX_AHEAD)
 
 
 class Pool:
@@ -149,7 +168,7 @@ class Pool:
         ([1, 2], [5])
     """
 
-    def __init__(self, workers: int | None = None, **options: Unpack[MapOptions]) -> None:
+    def __init__(self, workers: int | None = None, **options: Unpack[PoolOptions]) -> None:
         self._options = validate(workers=workers, **options)
         self._backend: Backend | None = None
         self._busy: weakref.ref[Any] | None = None
@@ -161,15 +180,24 @@ class Pool:
         """The pool size."""
         return self._options.workers
 
-    def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], **options: Unpack[CallOptions]) -> list[Any]:
+    def map(
+        self, fn: Callable[..., Any], *iterables: Iterable[Any], **options: Unpack[CallOptions]
+    ) -> list[Any]:
         """``multitrack.map`` on this pool's workers."""
         return list(self._start("map", fn, iterables, options, star=False, max_ahead=None))
 
-    def imap(self, fn: Callable[..., Any], *iterables: Iterable[Any], **options: Unpack[CallOptions]) -> Iterator[Any]:
+    def imap(
+        self, fn: Callable[..., Any], *iterables: Iterable[Any], **options: Unpack[CallOptions]
+    ) -> Iterator[Any]:
         """``multitrack.imap`` on this pool's workers."""
         return self._start("imap", fn, iterables, options, star=False, max_ahead=MAX_AHEAD)
 
-    def starmap(self, fn: Callable[..., Any], iterable: Iterable[Iterable[Any]], **options: Unpack[CallOptions]) -> list[Any]:
+    def starmap(
+        self,
+        fn: Callable[..., Any],
+        iterable: Iterable[Iterable[Any]],
+        **options: Unpack[CallOptions],
+    ) -> list[Any]:
         """``multitrack.starmap`` on this pool's workers."""
         return list(self._start("starmap", fn, (iterable,), options, star=True, max_ahead=None))
 
@@ -196,8 +224,7 @@ class Pool:
             )
         if self._backend is None:
             self._backend = _new_backend(opts)
-        call = _Call(fn, calls, total, opts, self._backend, owns_backend=False,
-                     describe=describe)
+        call = _Call(fn, calls, total, opts, self._backend, owns_backend=False, describe=describe)
         iterator = call.start(max_ahead=max_ahead)
         self._busy = weakref.ref(iterator)
         return iterator
@@ -282,10 +309,11 @@ def _prepare(
     opts = validate(**options)
     calls, total, describe = _inputs(name, fn, iterables, star)
     if opts.timeout is not None and opts.backend == "serial":
-        raise ValueError("timeout cannot be enforced with backend='serial' (nothing can stop "
-                         "a task running in the caller's thread); use 'process'")
-    return _Call(fn, calls, total, opts, _new_backend(opts), owns_backend=True,
-                 describe=describe)
+        raise ValueError(
+            "timeout cannot be enforced with backend='serial' (nothing can stop "
+            "a task running in the caller's thread); use 'process'"
+        )
+    return _Call(fn, calls, total, opts, _new_backend(opts), owns_backend=True, describe=describe)
 
 
 def _new_backend(opts: Options) -> Backend:
@@ -321,7 +349,7 @@ def _inputs(
         return (tuple(args) for args in iterators[0]), total, tuple
     if len(iterators) == 1:
         return ((item,) for item in iterators[0]), total, _single
-    return builtins.zip(*iterators), total, tuple
+    return builtins.zip(*iterators, strict=False), total, tuple  # like map: stop at the shortest
 
 
 def _total(iterables: tuple[Iterable[Any], ...]) -> int | None:

@@ -114,7 +114,7 @@ def validate(base: Options | None = None, **given: Any) -> Options:
     return replace(base, **checked)
 
 
-def _check(name: str, value: Any) -> Any:  # noqa: PLR0911 - one branch per option reads best
+def _check(name: str, value: Any) -> Any:
     if name == "workers":
         return _positive_int("workers", value, allow_none=True)
     if name == "backend":

@@ -77,9 +77,9 @@ PER_WORKER = 2
 
 _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _BOOT = (
-    "import sys; sys.path.insert(0, {path!r}); "
+    f"import sys; sys.path.insert(0, {_PACKAGE_PARENT!r}); "
     "from multitrack.backends._worker import main; main()"
-).format(path=_PACKAGE_PARENT)
+)
 # Native thread pools: without a cap every worker starts one thread per core and N workers
 # fight over N cores. A user's own setting wins.
 _THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS")
@@ -371,25 +371,24 @@ class ProcessBackend(Backend):
 
     def _spawn(self) -> _Proc:
         parent_sock, child_sock = socket.socketpair()
-        slot_file = tempfile.TemporaryFile()
         try:
-            os.ftruncate(slot_file.fileno(), SLOT_SIZE)
-            popen = subprocess.Popen(
-                [sys.executable, "-c", _BOOT, str(child_sock.fileno()), str(slot_file.fileno())],
-                pass_fds=(child_sock.fileno(), slot_file.fileno()),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                start_new_session=True,
-                env=self._thread_env,
-            )
-            slot = mmap.mmap(slot_file.fileno(), SLOT_SIZE)
+            with child_sock, tempfile.TemporaryFile() as slot_file:
+                # The slot lives in an unlinked file: nothing to clean up in /dev/shm, ever.
+                os.ftruncate(slot_file.fileno(), SLOT_SIZE)
+                fds = (child_sock.fileno(), slot_file.fileno())
+                popen = subprocess.Popen(
+                    [sys.executable, "-c", _BOOT, *map(str, fds)],
+                    pass_fds=fds,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    start_new_session=True,
+                    env=self._thread_env,
+                )
+                slot = mmap.mmap(slot_file.fileno(), SLOT_SIZE)
         except OSError as exc:
             parent_sock.close()
             raise WorkerStartError(f"could not start a worker process: {exc}") from exc
-        finally:
-            child_sock.close()
-            slot_file.close()
         for stream in (popen.stdout, popen.stderr):
             if stream is not None:
                 os.set_blocking(stream.fileno(), False)

@@ -64,7 +64,7 @@ class SerialBackend(Backend):
         assert fn is not None
         begun = time.monotonic()
         outcomes = []
-        for index, args in zip(chunk.indices, chunk.args):
+        for index, args in zip(chunk.indices, chunk.args, strict=True):
             try:
                 outcomes.append((index, True, fn(*args)))
             except (Exception, SystemExit) as exc:

@@ -39,6 +39,10 @@ class _Thread:
     current: tuple[int, int, float] | None = None
     tasks_done: int = 0
 
+    def is_abandoned(self) -> bool:
+        # A method, not the attribute: another thread flips it while an item runs.
+        return self.abandoned
+
 
 class ThreadBackend(Backend):
     """A pool of worker threads."""
@@ -215,7 +219,7 @@ class ThreadBackend(Backend):
                     outcomes.append((chunk.indices[position], True, fn(*args)))
                 except BaseException as exc:
                     outcomes.append((chunk.indices[position], False, exc))
-                if worker.abandoned:
+                if worker.is_abandoned():
                     return
             worker.current = None
             self._outbox.put(("done", worker.key, call, chunk.id, outcomes, clock() - begun))

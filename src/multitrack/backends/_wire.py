@@ -19,8 +19,6 @@ import pickle
 import traceback
 from typing import Any
 
-import cloudpickle
-
 from multitrack._errors import RemoteError, RemoteTraceback
 
 PROTOCOL = pickle.HIGHEST_PROTOCOL
@@ -31,11 +29,19 @@ def dumps(obj: Any) -> bytes:
     try:
         data = pickle.dumps(obj, PROTOCOL)
     except Exception:
-        return cloudpickle.dumps(obj, PROTOCOL)  # type: ignore[no-any-return]
+        return by_value(obj)
     if b"__main__" in data:
         # A reference into the caller's script, which a worker cannot import: send by value.
-        return cloudpickle.dumps(obj, PROTOCOL)  # type: ignore[no-any-return]
+        return by_value(obj)
     return data
+
+
+def by_value(obj: Any) -> bytes:
+    """cloudpickle: functions and classes of ``__main__``, lambdas and closures by value.
+    Imported on first need; a worker that never sees such a value never pays for it."""
+    import cloudpickle
+
+    return cloudpickle.dumps(obj, PROTOCOL)  # type: ignore[no-any-return]
 
 
 loads = pickle.loads
@@ -92,7 +98,5 @@ def unpack_error(packed: tuple[str, str, str, bytes | None]) -> BaseException:
 
 def pickling_failure(what: str, obj: Any, exc: BaseException) -> RemoteError:
     """The error for a value that could not cross the boundary."""
-    message = (
-        f"{what} of type {qualified_name(type(obj))} could not be pickled: {describe(exc)}"
-    )
+    message = f"{what} of type {qualified_name(type(obj))} could not be pickled: {describe(exc)}"
     return RemoteError("PicklingError", message, "")

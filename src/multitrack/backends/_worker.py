@@ -107,9 +107,7 @@ class Worker:
         self.conn.send_bytes(_wire.dumps(message))
 
     def serve(self) -> None:
-        threading.Thread(
-            target=_die_with_parent, args=(self.conn, self.inbox), daemon=True
-        ).start()
+        threading.Thread(target=_die_with_parent, args=(self.conn, self.inbox), daemon=True).start()
         self.send(("booted", os.getpid()))
         while True:
             message = self.inbox.get()

@@ -1,0 +1,49 @@
+"""Suite-wide guards: after every test, no child process and no extra thread may be left.
+
+A test that leaves a worker behind fails, even if its assertions passed: "nothing outlives a
+call" is a promise, so every test checks it (after loky's test suite)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Iterator
+
+import psutil
+import pytest
+
+# Bars off by default in tests; tests of the bar turn it on explicitly.
+os.environ.setdefault("MULTITRACK_PROGRESS", "0")
+
+LEAK_GRACE = 3.0  # seconds a child or thread may take to go away after a call returned
+
+
+def _children() -> list[psutil.Process]:
+    try:
+        return [p for p in psutil.Process().children(recursive=True) if p.is_running()
+                and p.status() != psutil.STATUS_ZOMBIE]
+    except psutil.Error:
+        return []
+
+
+def _extra_threads(before: set[int]) -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.ident not in before and t.is_alive()]
+
+
+@pytest.fixture(autouse=True)
+def no_leftovers() -> Iterator[None]:
+    threads_before = {t.ident for t in threading.enumerate() if t.ident is not None}
+    yield
+    deadline = time.monotonic() + LEAK_GRACE
+    while (_children() or _extra_threads(threads_before)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    children = _children()
+    threads = _extra_threads(threads_before)
+    for child in children:  # do not let one leak cascade into every later test
+        try:
+            child.kill()
+        except psutil.Error:
+            pass
+    assert not children, f"child processes left behind: {[c.pid for c in children]}"
+    assert not threads, f"threads left behind: {[t.name for t in threads]}"

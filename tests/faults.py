@@ -1,0 +1,146 @@
+"""Picklable task functions for the tests, good and bad. Workers import this module by name
+(the tests directory is on the caller's sys.path, which workers inherit)."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def add(a: int, b: int) -> int:
+    return a + b
+
+
+def pid_of(_: Any) -> int:
+    return os.getpid()
+
+
+def fail_on(x: int, bad: int = 3) -> int:
+    if x == bad:
+        raise ValueError(f"bad input {x}")
+    return x
+
+
+def sigkill_on(x: int, bad: int = 3) -> int:
+    if x == bad:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return x
+
+
+def segfault_on(x: int, bad: int = 3) -> int:
+    if x == bad:
+        ctypes.string_at(0)  # reads address 0: SIGSEGV
+    return x
+
+
+def exit_on(x: int, bad: int = 3) -> int:
+    if x == bad:
+        os._exit(7)
+    return x
+
+
+def sys_exit_on(x: int, bad: int = 3) -> int:
+    if x == bad:
+        sys.exit(5)
+    return x
+
+
+def interrupt_on(x: int, bad: int = 3) -> int:
+    if x == bad:
+        raise KeyboardInterrupt
+    return x
+
+
+def sleep_on(x: int, bad: int = 3, seconds: float = 60.0) -> int:
+    if x == bad:
+        time.sleep(seconds)
+    return x
+
+
+def sleep_for(seconds: float) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+def spawn_grandchild_and_hang(_: Any) -> None:
+    """Starts a process of its own, then hangs: a timeout must kill both."""
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    print(f"grandchild {child.pid}", flush=True)
+    time.sleep(120)
+
+
+def return_lock(_: Any) -> Any:
+    return threading.Lock()
+
+
+def lock_on(x: int, bad: int = 3) -> Any:
+    return threading.Lock() if x == bad else x
+
+
+class BadInit(Exception):
+    """Cannot be unpickled: its __init__ needs two arguments, pickle gives it one."""
+
+    def __init__(self, a: str, b: str) -> None:
+        super().__init__(a)
+        self.b = b
+
+
+def raise_bad_init(x: int) -> int:
+    if x == 1:
+        raise BadInit("unrebuildable", "second")
+    return x
+
+
+def _refuse_to_load() -> None:
+    raise RuntimeError("this argument refuses to be unpickled")
+
+
+class FailsToUnpickle:
+    """Pickles fine in the caller, raises when a worker unpickles it."""
+
+    def __reduce__(self) -> Any:
+        return (_refuse_to_load, ())
+
+
+class FailsToPickle:
+    def __reduce__(self) -> Any:
+        raise TypeError("FailsToPickle refuses to be pickled")
+
+
+def identity(x: Any) -> Any:
+    return x
+
+
+def type_name(x: Any) -> str:
+    return type(x).__name__
+
+
+_STATE: dict[str, Any] = {}
+
+
+def set_state(value: Any) -> None:
+    _STATE["value"] = value
+
+
+def read_state(x: Any) -> Any:
+    return (_STATE.get("value"), x)
+
+
+def failing_initializer() -> None:
+    raise RuntimeError("initializer exploded")
+
+
+def noisy(x: int) -> int:
+    print(f"worker says {x}")
+    print(f"worker warns {x}", file=sys.stderr)
+    return x
