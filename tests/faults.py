@@ -144,3 +144,23 @@ def noisy(x: int) -> int:
     print(f"worker says {x}")
     print(f"worker warns {x}", file=sys.stderr)
     return x
+
+
+def flaky(x: int, counter_dir: str, fail_times: int = 2) -> int:
+    """Fails (raises) the first ``fail_times`` times it runs for ``x``; counts in files, so
+    attempts in different worker processes see each other."""
+    path = os.path.join(counter_dir, f"attempts-{x}")
+    with open(path, "a") as handle:
+        handle.write(".")
+    with open(path) as handle:
+        runs = len(handle.read())
+    if runs <= fail_times:
+        raise ConnectionError(f"flaky attempt {runs}")
+    return x
+
+
+def record_pid_and_sleep(seconds: float, pid_dir: str) -> float:
+    with open(os.path.join(pid_dir, str(os.getpid())), "w"):
+        pass
+    time.sleep(seconds)
+    return seconds

@@ -108,10 +108,12 @@ class Run:
         try:
             self.backend.begin(self.fn, self._output)
             while True:
+                # Fill first: pulling is what discovers the end of the input, and the check
+                # below must see it (else we would wait for events that will never come).
+                self._fill()
                 yield from self._release()
                 if self._finished():
                     break
-                self._fill()
                 for event in self.backend.poll(self._wait_time()):
                     if isinstance(event, Completed):
                         self._on_completed(event)
@@ -171,6 +173,9 @@ class Run:
     def _next_chunk(self) -> Chunk | None:
         remaining = None if self.total is None else max(0, self.total - self.completed)
         size = self.sizer.next_size(remaining)
+        room = self.backend.room()
+        if room is not None:
+            size = min(size, room)
         indices: list[int] = []
         now = self.clock()
         while self.requeued and len(indices) < size and self.requeued[0][0] <= now:

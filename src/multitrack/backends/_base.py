@@ -99,6 +99,11 @@ class Backend(ABC):
         """How many more chunks may be submitted now without queueing behind a busy worker
         for long (each worker holds at most one running and one waiting chunk)."""
 
+    def room(self) -> int | None:
+        """The largest chunk a free worker may take now (``max_tasks_per_worker`` left to
+        it), or ``None`` for no limit."""
+        return None
+
     @abstractmethod
     def submit(self, chunk: Chunk) -> None:
         """Hand a chunk to a worker. Never blocks for long."""

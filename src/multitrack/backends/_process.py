@@ -190,11 +190,26 @@ class ProcessBackend(Backend):
     # -- scheduling -----------------------------------------------------------------------
 
     def capacity(self) -> int:
-        free = 0
-        for proc in self._procs.values():
-            if proc.state == "ready" and not self._exhausted(proc):
-                free += PER_WORKER - len(proc.sent)
-        return free
+        return sum(PER_WORKER - len(p.sent) for p in self._free())
+
+    def room(self) -> int | None:
+        if self._max_tasks is None:
+            return None
+        return max((self._quota_left(p) for p in self._free()), default=0)
+
+    def _free(self) -> list[_Proc]:
+        """Workers that may take another chunk now."""
+        return [
+            p
+            for p in self._procs.values()
+            if p.state == "ready" and len(p.sent) < PER_WORKER and self._quota_left(p) > 0
+        ]
+
+    def _quota_left(self, proc: _Proc) -> int:
+        if self._max_tasks is None:
+            return sys.maxsize
+        held = sum(len(s.chunk.indices) for s in proc.sent.values())
+        return self._max_tasks - proc.tasks_done - held
 
     def submit(self, chunk: Chunk) -> None:
         payload, unpicklable = _dump_args(chunk)
@@ -202,7 +217,7 @@ class ProcessBackend(Backend):
             self._events.append(Completed(chunk.id, unpicklable, 0.0))
         if payload is None:
             return
-        target = self._pick_worker()
+        target = self._pick_worker(len(chunk.indices))
         sent = _Sent(chunk, len(chunk.indices) - len(unpicklable), split=bool(unpicklable))
         target.sent[chunk.id] = sent
         if sent.split:  # send the picklable ones one by one, keeping their positions
@@ -211,24 +226,14 @@ class ProcessBackend(Backend):
         else:
             self._try_send(target, ("chunk", chunk.id, 0, payload[1]))
 
-    def _pick_worker(self) -> _Proc:
+    def _pick_worker(self, size: int) -> _Proc:
         # The least loaded worker. A waiting chunk is queued behind a running one; the
         # worker's reader thread takes it off the socket at once, so this send does not wait
         # for the running task (unless that task holds the GIL in C code for long).
-        candidates = [
-            p
-            for p in self._procs.values()
-            if p.state == "ready" and not self._exhausted(p) and len(p.sent) < PER_WORKER
-        ]
+        candidates = [p for p in self._free() if self._quota_left(p) >= size]
         if not candidates:
-            raise RuntimeError("submit() without capacity")  # a scheduler bug, not user error
+            raise RuntimeError("submit() without room")  # a scheduler bug, not user error
         return min(candidates, key=lambda p: len(p.sent))
-
-    def _exhausted(self, proc: _Proc) -> bool:
-        if self._max_tasks is None:
-            return False
-        held = sum(len(s.chunk.indices) for s in proc.sent.values())
-        return proc.tasks_done + held >= self._max_tasks
 
     def running(self) -> list[Running]:
         now_running = []
@@ -316,6 +321,8 @@ class ProcessBackend(Backend):
             proc.state = "initializing"
         elif kind == "ready":
             proc.state = "ready"
+            if self._fn is not None:  # it may have booted with an earlier call's function
+                self._send_function(proc)
         elif kind == "chunk_error":
             self._on_chunk_error(proc, message[1], message[2], message[3])
         elif kind == "start_error":
@@ -346,7 +353,7 @@ class ProcessBackend(Backend):
         if sent.remaining <= 0:
             del proc.sent[chunk_id]
         self._events.append(Completed(chunk_id, outcomes, busy))
-        if self._max_tasks is not None and not proc.sent and self._exhausted(proc):
+        if not proc.sent and self._quota_left(proc) <= 0:
             self._retire(proc)
 
     def _on_chunk_error(self, proc: _Proc, chunk_id: int, first: int, packed: Any) -> None:

@@ -15,6 +15,7 @@ discards the result.
 from __future__ import annotations
 
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -78,26 +79,30 @@ class ThreadBackend(Backend):
             self._spawn()
 
     def capacity(self) -> int:
-        return sum(
-            PER_WORKER - len(t.held)
-            for t in self._threads.values()
-            if t.ready and not self._exhausted(t)
-        )
+        return sum(PER_WORKER - len(t.held) for t in self._free())
 
-    def _exhausted(self, worker: _Thread) -> bool:
+    def room(self) -> int | None:
         if self._max_tasks is None:
-            return False
-        held = sum(len(c.indices) for c in worker.held.values())
-        return worker.tasks_done + held >= self._max_tasks
+            return None
+        return max((self._quota_left(t) for t in self._free()), default=0)
 
-    def submit(self, chunk: Chunk) -> None:
-        candidates = [
+    def _free(self) -> list[_Thread]:
+        return [
             t
             for t in self._threads.values()
-            if t.ready and not self._exhausted(t) and len(t.held) < PER_WORKER
+            if t.ready and len(t.held) < PER_WORKER and self._quota_left(t) > 0
         ]
+
+    def _quota_left(self, worker: _Thread) -> int:
+        if self._max_tasks is None:
+            return sys.maxsize
+        held = sum(len(c.indices) for c in worker.held.values())
+        return self._max_tasks - worker.tasks_done - held
+
+    def submit(self, chunk: Chunk) -> None:
+        candidates = [t for t in self._free() if self._quota_left(t) >= len(chunk.indices)]
         if not candidates:
-            raise RuntimeError("submit() without capacity")
+            raise RuntimeError("submit() without room")
         target = min(candidates, key=lambda t: len(t.held))
         target.held[chunk.id] = chunk
         target.inbox.put(chunk)
@@ -137,8 +142,10 @@ class ThreadBackend(Backend):
                 return
             worker.tasks_done += len(outcomes)
             self._events.append(Completed(chunk_id, outcomes, busy))
-            if self._max_tasks is not None and not worker.held and self._exhausted(worker):
+            if not worker.held and self._quota_left(worker) <= 0:
                 self._retire(worker)
+                while len(self._threads) < self.slots and not self._closed:
+                    self._spawn()
 
     def running(self) -> list[Running]:
         now_running = []

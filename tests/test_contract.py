@@ -1,0 +1,238 @@
+"""The contract every backend keeps: same results as builtin ``map``, in order or not, with the
+same options and the same failure policy. Each test runs on every backend."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+import textwrap
+from typing import Any
+
+import faults
+import pytest
+
+import multitrack as mt
+
+BACKENDS = ["process", "thread", "serial"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.mark.parametrize("chunksize", [None, 1, 7])
+@pytest.mark.parametrize("ordered", [True, False])
+def test_results_match_builtin_map(backend: str, ordered: bool, chunksize: int | None) -> None:
+    inputs = list(range(257))
+    got = mt.map(faults.square, inputs, backend=backend, workers=2, ordered=ordered,
+                 chunksize=chunksize)
+    expected = [x * x for x in inputs]
+    assert (got if ordered else sorted(got)) == expected
+
+
+def test_several_iterables_zip_to_the_shortest(backend: str) -> None:
+    got = mt.map(faults.add, range(10), iter(range(100, 105)), backend=backend, workers=2)
+    assert got == list(map(faults.add, range(10), range(100, 105)))
+
+
+def test_starmap(backend: str) -> None:
+    pairs = [(i, i + 1) for i in range(20)]
+    assert mt.starmap(faults.add, pairs, backend=backend, workers=2) == [2 * i + 1 for i in range(20)]
+
+
+@pytest.mark.parametrize(
+    ("make", "expected"),
+    [(list, []), (lambda: iter([]), []), (lambda: (x for x in [5]), [25]), (lambda: [7], [49])],
+)
+def test_empty_and_tiny_inputs(backend: str, make: Any, expected: list[int]) -> None:
+    assert mt.map(faults.square, make(), backend=backend, workers=2) == expected
+
+
+def test_any_iterable_and_any_value(backend: str) -> None:
+    data = {"a": 1, "b": [2, 3], "c": None}
+    got = mt.map(faults.identity, data.values(), backend=backend, workers=2)
+    assert got == list(data.values())
+    assert mt.map(faults.type_name, "xy", backend=backend, workers=2) == ["str", "str"]
+
+
+def test_imap_is_lazy_and_can_stop_early(backend: str) -> None:
+    results = []
+    for value in mt.imap(faults.square, itertools.count(), backend=backend, workers=2):
+        results.append(value)
+        if len(results) == 50:
+            break
+    assert results == [x * x for x in range(50)]
+
+
+def test_imap_unordered_gives_every_result_once(backend: str) -> None:
+    got = list(mt.imap(faults.square, range(300), backend=backend, workers=2, ordered=False))
+    assert sorted(got) == [x * x for x in range(300)]
+
+
+def test_lambdas_and_closures(backend: str) -> None:
+    offset = 10
+    assert mt.map(lambda x: x + offset, range(5), backend=backend, workers=2) == list(
+        range(10, 15)
+    )
+
+
+def test_errors_raise_carries_index_task_and_cause(backend: str) -> None:
+    with pytest.raises(mt.TaskError) as caught:
+        mt.map(faults.fail_on, range(10), backend=backend, workers=2)
+    error = caught.value
+    assert error.index == 3 and error.task == 3 and error.attempts == 1
+    assert isinstance(error.__cause__, ValueError)
+    assert "bad input 3" in str(error)
+    if backend == "process":  # the worker's traceback comes back as text
+        assert "in fail_on" in str(error.__cause__.__cause__)
+
+
+def test_errors_return_keeps_going(backend: str) -> None:
+    got = mt.map(faults.fail_on, range(10), backend=backend, workers=2, errors="return")
+    assert [g for i, g in enumerate(got) if i != 3] == [i for i in range(10) if i != 3]
+    assert isinstance(got[3], mt.TaskError) and got[3].index == 3
+
+
+def test_task_of_several_arguments_is_their_tuple(backend: str) -> None:
+    def divide(a: int, b: int) -> float:
+        return a / b
+
+    got = mt.map(divide, [1, 2], [1, 0], backend=backend, workers=2, errors="return")
+    assert got[0] == 1.0 and got[1].task == (2, 0)
+
+
+def test_initializer_runs_in_each_worker(backend: str) -> None:
+    got = mt.map(faults.read_state, range(6), backend=backend, workers=2,
+                 initializer=faults.set_state, initargs=("ready",))
+    assert got == [("ready", i) for i in range(6)]
+
+
+def test_initializer_failure_is_a_start_error(backend: str) -> None:
+    with pytest.raises(mt.WorkerStartError, match="initializer"):
+        mt.map(faults.square, range(4), backend=backend, workers=2,
+               initializer=faults.failing_initializer)
+
+
+def test_pool_reuses_workers_across_calls(backend: str) -> None:
+    with mt.Pool(workers=2, backend=backend) as pool:
+        first = set(pool.map(faults.pid_of, range(40)))
+        assert pool.map(faults.square, range(5)) == [0, 1, 4, 9, 16]
+        second = set(pool.map(faults.pid_of, range(40)))
+        assert pool.starmap(faults.add, [(1, 2)]) == [3]
+        assert list(pool.imap(faults.square, range(3))) == [0, 1, 4]
+    if backend == "process":  # the same (at most two) workers served every call
+        assert len(first | second) <= 2
+
+
+def test_pool_survives_a_failed_call(backend: str) -> None:
+    with mt.Pool(workers=2, backend=backend) as pool:
+        with pytest.raises(mt.TaskError):
+            pool.map(faults.fail_on, range(10))
+        assert pool.map(faults.square, range(4)) == [0, 1, 4, 9]
+
+
+def test_pool_rejects_worker_options_per_call() -> None:
+    with mt.Pool(workers=1, backend="serial") as pool, pytest.raises(TypeError, match="workers"):
+        pool.map(faults.square, [1], workers=2)  # type: ignore[call-arg]
+
+
+@pytest.mark.parametrize("backend", ["process", "serial"])  # threads print straight through
+def test_worker_output_reaches_the_caller(backend: str, capfd: pytest.CaptureFixture[str]) -> None:
+    assert mt.map(faults.noisy, range(3), backend=backend, workers=2) == [0, 1, 2]
+    out, err = capfd.readouterr()
+    for i in range(3):
+        assert f"worker says {i}\n" in out
+        assert f"worker warns {i}\n" in err
+
+
+def test_max_tasks_per_worker_replaces_workers() -> None:
+    pids = mt.map(faults.pid_of, range(12), workers=2, max_tasks_per_worker=3)
+    assert len(set(pids)) >= 4
+    for pid in set(pids):
+        assert pids.count(pid) <= 3
+
+
+# -- options are checked before any worker starts ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "names"),
+    [
+        ({"workers": 0}, ValueError, "workers"),
+        ({"workers": "2"}, TypeError, "workers"),
+        ({"backend": "gpu"}, ValueError, "backend"),
+        ({"ordered": "yes"}, TypeError, "ordered"),
+        ({"chunksize": 0}, ValueError, "chunksize"),
+        ({"chunksize": 2.5}, TypeError, "chunksize"),
+        ({"progress": "loud"}, ValueError, "progress"),
+        ({"desc": 3}, TypeError, "desc"),
+        ({"errors": "ignore"}, ValueError, "errors"),
+        ({"timeout": -1}, ValueError, "timeout"),
+        ({"retries": -1}, ValueError, "retries"),
+        ({"initializer": 3}, TypeError, "initializer"),
+        ({"initargs": "ab"}, TypeError, "initargs"),
+        ({"max_tasks_per_worker": 0}, ValueError, "max_tasks_per_worker"),
+        ({"timeout": 1, "backend": "serial"}, ValueError, "timeout"),
+    ],
+)
+def test_bad_options_name_the_argument(options: dict[str, Any], error: type, names: str) -> None:
+    with pytest.raises(error, match=names):
+        mt.map(faults.square, [1], **options)
+
+
+def test_unknown_option_is_a_type_error() -> None:
+    with pytest.raises(TypeError, match="colour"):
+        mt.map(faults.square, [1], colour="red")  # type: ignore[call-arg]
+
+
+def test_bad_inputs_are_refused_up_front() -> None:
+    with pytest.raises(TypeError, match="callable"):
+        mt.map(3, [1])  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="iterable #2 is not iterable"):
+        mt.map(faults.add, [1], 5)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="at least one iterable"):
+        mt.map(faults.square)
+
+
+def test_function_that_cannot_be_sent_is_refused_before_work() -> None:
+    import threading
+
+    lock = threading.Lock()
+    with pytest.raises(TypeError, match="cannot be sent to worker processes"):
+        mt.map(lambda x: (lock, x), [1, 2])
+
+
+# -- the caller's script: no __main__ guard needed, its functions and classes just work -----
+
+
+def test_functions_and_classes_of_a_script_work_without_a_main_guard(tmp_path: Any) -> None:
+    script = tmp_path / "job.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import dataclasses
+            import multitrack as mt
+
+            SCALE = 3
+
+            @dataclasses.dataclass
+            class Job:
+                n: int
+
+            def work(job):
+                return Job(job.n * SCALE)
+
+            results = mt.map(work, [Job(i) for i in range(5)], workers=2)
+            assert all(isinstance(r, Job) for r in results), results
+            print([r.n for r in results])
+            """
+        )
+    )
+    env = dict(os.environ, MULTITRACK_PROGRESS="0")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=60, env=env, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[0, 3, 6, 9, 12]"

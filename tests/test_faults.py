@@ -1,0 +1,300 @@
+"""The fault model, with real faults: real SIGKILL, real segfaults, real sleeps, real Ctrl-C.
+
+Matrix: fault x backend x ``errors`` mode, where the backend can survive the fault at all (a
+segfault in a thread takes the caller down with it; only processes contain it). Every test
+runs under a hard time limit, and the suite's guard checks no process or thread is left."""
+
+from __future__ import annotations
+
+import functools
+import gc
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import faults
+import psutil
+import pytest
+
+import multitrack as mt
+from multitrack.backends import _process
+
+CRASHES = [
+    pytest.param(faults.sigkill_on, "SIGKILL", None, id="sigkill"),
+    pytest.param(faults.segfault_on, "SIGSEGV", None, id="segfault"),
+    pytest.param(faults.exit_on, None, 7, id="os._exit"),
+]
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(("fn", "signame", "exitcode"), CRASHES)
+def test_dead_worker_is_charged_to_its_one_task(fn: Any, signame: str | None,
+                                                exitcode: int | None) -> None:
+    results = mt.map(fn, range(20), workers=2, errors="return")
+    assert [r for i, r in enumerate(results) if i != 3] == [i for i in range(20) if i != 3]
+    crashed = results[3]
+    assert isinstance(crashed, mt.WorkerCrashed)
+    assert (crashed.index, crashed.task, crashed.signal, crashed.exitcode) == (3, 3, signame,
+                                                                               exitcode)
+    assert crashed.pid is not None and not psutil.pid_exists(crashed.pid)
+    if signame == "SIGKILL":
+        assert "out-of-memory" in str(crashed)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(("fn", "signame", "exitcode"), CRASHES)
+def test_dead_worker_raises_promptly_in_raise_mode(fn: Any, signame: str | None,
+                                                   exitcode: int | None) -> None:
+    with pytest.raises(mt.WorkerCrashed) as caught:
+        mt.map(fn, range(20), workers=2)
+    assert caught.value.index == 3 and caught.value.signal == signame
+
+
+@pytest.mark.timeout(30)
+def test_crash_inside_a_chunk_blames_one_item_and_reruns_the_rest() -> None:
+    results = mt.map(faults.sigkill_on, range(40), workers=2, chunksize=8, errors="return")
+    assert isinstance(results[3], mt.WorkerCrashed)
+    assert [r for i, r in enumerate(results) if i != 3] == [i for i in range(40) if i != 3]
+
+
+RAISED = [
+    pytest.param(faults.fail_on, ValueError, id="exception"),
+    pytest.param(faults.sys_exit_on, SystemExit, id="sys.exit"),
+    pytest.param(faults.interrupt_on, KeyboardInterrupt, id="KeyboardInterrupt-in-task"),
+]
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("backend", ["process", "thread", "serial"])
+@pytest.mark.parametrize(("fn", "kind"), RAISED)
+@pytest.mark.parametrize("errors", ["raise", "return"])
+def test_whatever_a_task_raises_is_that_tasks_failure(backend: str, fn: Any, kind: type,
+                                                      errors: str) -> None:
+    if backend == "serial" and kind is KeyboardInterrupt:
+        pytest.skip("serial: a KeyboardInterrupt in the caller's thread is a real Ctrl-C")
+    if errors == "raise":
+        with pytest.raises(mt.TaskError) as caught:
+            mt.map(fn, range(8), backend=backend, workers=2)
+        error = caught.value
+    else:
+        results = mt.map(fn, range(8), backend=backend, workers=2, errors="return")
+        assert [r for i, r in enumerate(results) if i != 3] == [0, 1, 2, 4, 5, 6, 7]
+        error = results[3]
+    assert isinstance(error, mt.TaskError) and error.index == 3
+    assert isinstance(error.__cause__, kind)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("errors", ["raise", "return"])
+def test_timeout_kills_and_replaces_the_worker(errors: str) -> None:
+    hang = functools.partial(faults.sleep_on, seconds=60)
+    started = time.monotonic()
+    if errors == "raise":
+        with pytest.raises(mt.TaskTimeout) as caught:
+            mt.map(hang, range(6), workers=2, timeout=1.0)
+        error = caught.value
+    else:
+        results = mt.map(hang, range(6), workers=2, timeout=1.0, errors="return")
+        assert [r for i, r in enumerate(results) if i != 3] == [0, 1, 2, 4, 5]
+        error = results[3]
+    assert isinstance(error, mt.TaskTimeout) and isinstance(error, TimeoutError)
+    assert error.index == 3
+    assert time.monotonic() - started < 20  # not the task's 60 s
+
+
+@pytest.mark.timeout(30)
+def test_timeout_counts_from_the_start_of_the_task_not_its_queueing() -> None:
+    # 4 tasks of 0.6 s on 1 worker: the last is queued ~1.8 s, longer than the timeout.
+    results = mt.map(faults.sleep_for, [0.6] * 4, workers=1, timeout=1.2, chunksize=1)
+    assert results == [0.6] * 4
+
+
+@pytest.mark.timeout(30)
+def test_timeout_kills_the_processes_a_task_started(capfd: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(mt.TaskTimeout):
+        mt.map(faults.spawn_grandchild_and_hang, [0], workers=1, timeout=2.0)
+    out, _ = capfd.readouterr()
+    grandchild = int(out.split("grandchild ")[1].split()[0])
+    assert _gone_within(grandchild, 5.0)
+
+
+@pytest.mark.timeout(30)
+def test_thread_timeout_abandons_the_thread() -> None:
+    slow = functools.partial(faults.sleep_on, seconds=1.0)
+    results = mt.map(slow, range(6), backend="thread", workers=2, timeout=0.3, errors="return")
+    assert isinstance(results[3], mt.TaskTimeout)
+    assert [r for i, r in enumerate(results) if i != 3] == [0, 1, 2, 4, 5]
+
+
+@pytest.mark.timeout(30)
+def test_retries_rerun_a_flaky_task(tmp_path: Path) -> None:
+    flaky = functools.partial(faults.flaky, counter_dir=str(tmp_path), fail_times=2)
+    assert mt.map(flaky, range(4), workers=2, retries=2) == [0, 1, 2, 3]
+
+
+@pytest.mark.timeout(30)
+def test_retries_give_up_with_the_attempt_count() -> None:
+    results = mt.map(faults.sigkill_on, range(6), workers=2, retries=2, errors="return")
+    assert isinstance(results[3], mt.WorkerCrashed) and results[3].attempts == 3
+
+
+# -- what cannot cross the process boundary ------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+def test_unpicklable_result_fails_only_its_task() -> None:
+    results = mt.map(faults.lock_on, range(6), workers=2, errors="return")
+    assert [r for i, r in enumerate(results) if i != 3] == [0, 1, 2, 4, 5]
+    assert isinstance(results[3], mt.TaskError)
+    assert "lock" in str(results[3]) and "could not be pickled" in str(results[3])
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("chunksize", [1, 4])
+def test_unpicklable_argument_fails_only_its_task(chunksize: int) -> None:
+    inputs = [1, 2, faults.FailsToPickle(), 4]
+    results = mt.map(faults.identity, inputs, workers=2, errors="return", chunksize=chunksize)
+    assert results[:2] == [1, 2] and results[3] == 4
+    assert isinstance(results[2], mt.TaskError) and "FailsToPickle" in str(results[2])
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("chunksize", [1, 4])
+def test_argument_that_fails_to_unpickle_fails_only_its_task(chunksize: int) -> None:
+    inputs = [1, faults.FailsToUnpickle(), 3, 4]
+    results = mt.map(faults.type_name, inputs, workers=1, errors="return", chunksize=chunksize)
+    assert results[0] == "int" and results[2:] == ["int", "int"]
+    assert isinstance(results[1], mt.TaskError)
+    assert "refuses to be unpickled" in str(results[1])
+
+
+@pytest.mark.timeout(30)
+def test_exception_that_cannot_be_rebuilt_keeps_type_message_and_traceback() -> None:
+    results = mt.map(faults.raise_bad_init, range(3), workers=2, errors="return")
+    cause = results[1].__cause__
+    assert isinstance(cause, mt.RemoteError)
+    assert cause.type_name == "faults.BadInit" and "unrebuildable" in cause.message
+    assert "raise_bad_init" in cause.traceback_text
+    assert results[0] == 0 and results[2] == 2
+
+
+# -- start-up -----------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+def test_initializer_traceback_is_kept() -> None:
+    with pytest.raises(mt.WorkerStartError) as caught:
+        mt.map(faults.square, range(4), workers=2, initializer=faults.failing_initializer)
+    assert "initializer exploded" in str(caught.value)
+    assert "failing_initializer" in str(caught.value.__cause__.__cause__)
+
+
+@pytest.mark.timeout(30)
+def test_worker_that_never_boots_is_a_start_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_process, "BOOT_TIMEOUT", 1.0)
+    monkeypatch.setattr(_process, "_BOOT", "import time; time.sleep(60)")
+    with pytest.raises(mt.WorkerStartError, match="did not start within"):
+        mt.map(faults.square, range(4), workers=2)
+
+
+# -- nothing outlives a call --------------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("backend", ["process", "thread"])
+def test_imap_dropped_half_way_stops_its_workers(backend: str) -> None:
+    iterator = mt.imap(faults.sleep_for, [0.05] * 100, backend=backend, workers=2)
+    next(iterator)
+    del iterator
+    gc.collect()
+    # the suite's guard then checks that no process or thread is left
+
+
+# -- Ctrl-C and a killed parent (real signals to a real script) ----------------------------
+
+SCRIPT = """
+import sys, multitrack as mt
+sys.path.insert(0, {tests!r})
+import faults, functools
+job = functools.partial(faults.record_pid_and_sleep, pid_dir={pid_dir!r})
+try:
+    mt.map(job, [30.0] * 6, workers=2, progress="log")
+except KeyboardInterrupt:
+    print("caller saw KeyboardInterrupt", flush=True)
+    raise
+"""
+
+
+def _start_script(tmp_path: Path) -> tuple[subprocess.Popen[str], Path]:
+    pid_dir = tmp_path / "pids"
+    pid_dir.mkdir()
+    code = SCRIPT.format(tests=str(Path(__file__).parent), pid_dir=str(pid_dir))
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            start_new_session=True, env=dict(os.environ, MULTITRACK_PROGRESS="1"))
+    deadline = time.monotonic() + 20
+    while len(list(pid_dir.iterdir())) < 2:
+        assert time.monotonic() < deadline, "workers never started"
+        time.sleep(0.05)
+    return proc, pid_dir
+
+
+def _gone_within(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.timeout(40)
+@pytest.mark.parametrize("target", ["process-group", "parent-only"])
+def test_ctrl_c_stops_the_run_within_a_second(tmp_path: Path, target: str) -> None:
+    proc, pid_dir = _start_script(tmp_path)
+    sent = time.monotonic()
+    if target == "process-group":
+        os.killpg(proc.pid, signal.SIGINT)  # what a terminal does
+    else:
+        os.kill(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=10)
+    took = time.monotonic() - sent
+    assert "caller saw KeyboardInterrupt" in out, err
+    assert took < 3.0, f"Ctrl-C took {took:.1f} s"
+    for pid in pid_dir.iterdir():
+        assert _gone_within(int(pid.name), 1.0), f"worker {pid.name} survived Ctrl-C"
+
+
+@pytest.mark.timeout(40)
+def test_workers_exit_when_the_parent_is_killed(tmp_path: Path) -> None:
+    proc, pid_dir = _start_script(tmp_path)
+    proc.kill()  # SIGKILL: no cleanup code of the parent runs
+    proc.communicate(timeout=10)
+    for pid in pid_dir.iterdir():
+        assert _gone_within(int(pid.name), 5.0), f"worker {pid.name} outlived its parent"
+
+
+@pytest.mark.timeout(40)
+def test_a_pool_left_open_is_closed_at_interpreter_exit(tmp_path: Path) -> None:
+    pid_dir = tmp_path / "pids"
+    pid_dir.mkdir()
+    code = f"""
+import sys, functools, multitrack as mt
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+import faults
+pool = mt.Pool(workers=2)
+pool.map(functools.partial(faults.record_pid_and_sleep, pid_dir={str(pid_dir)!r}), [0.2] * 4)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=30, check=False)
+    assert done.returncode == 0, done.stderr
+    for pid in pid_dir.iterdir():
+        assert _gone_within(int(pid.name), 3.0)
