@@ -21,8 +21,11 @@ LEAK_GRACE = 3.0  # seconds a child or thread may take to go away after a call r
 
 def _children() -> list[psutil.Process]:
     try:
-        return [p for p in psutil.Process().children(recursive=True) if p.is_running()
-                and p.status() != psutil.STATUS_ZOMBIE]
+        return [
+            p
+            for p in psutil.Process().children(recursive=True)
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+        ]
     except psutil.Error:
         return []
 

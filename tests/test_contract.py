@@ -10,9 +10,9 @@ import sys
 import textwrap
 from typing import Any
 
-import faults
 import pytest
 
+import faults
 import multitrack as mt
 
 BACKENDS = ["process", "thread", "serial"]
@@ -27,8 +27,9 @@ def backend(request: pytest.FixtureRequest) -> str:
 @pytest.mark.parametrize("ordered", [True, False])
 def test_results_match_builtin_map(backend: str, ordered: bool, chunksize: int | None) -> None:
     inputs = list(range(257))
-    got = mt.map(faults.square, inputs, backend=backend, workers=2, ordered=ordered,
-                 chunksize=chunksize)
+    got = mt.map(
+        faults.square, inputs, backend=backend, workers=2, ordered=ordered, chunksize=chunksize
+    )
     expected = [x * x for x in inputs]
     assert (got if ordered else sorted(got)) == expected
 
@@ -40,7 +41,9 @@ def test_several_iterables_zip_to_the_shortest(backend: str) -> None:
 
 def test_starmap(backend: str) -> None:
     pairs = [(i, i + 1) for i in range(20)]
-    assert mt.starmap(faults.add, pairs, backend=backend, workers=2) == [2 * i + 1 for i in range(20)]
+    assert mt.starmap(faults.add, pairs, backend=backend, workers=2) == [
+        2 * i + 1 for i in range(20)
+    ]
 
 
 @pytest.mark.parametrize(
@@ -74,9 +77,7 @@ def test_imap_unordered_gives_every_result_once(backend: str) -> None:
 
 def test_lambdas_and_closures(backend: str) -> None:
     offset = 10
-    assert mt.map(lambda x: x + offset, range(5), backend=backend, workers=2) == list(
-        range(10, 15)
-    )
+    assert mt.map(lambda x: x + offset, range(5), backend=backend, workers=2) == list(range(10, 15))
 
 
 def test_errors_raise_carries_index_task_and_cause(backend: str) -> None:
@@ -105,15 +106,26 @@ def test_task_of_several_arguments_is_their_tuple(backend: str) -> None:
 
 
 def test_initializer_runs_in_each_worker(backend: str) -> None:
-    got = mt.map(faults.read_state, range(6), backend=backend, workers=2,
-                 initializer=faults.set_state, initargs=("ready",))
+    got = mt.map(
+        faults.read_state,
+        range(6),
+        backend=backend,
+        workers=2,
+        initializer=faults.set_state,
+        initargs=("ready",),
+    )
     assert got == [("ready", i) for i in range(6)]
 
 
 def test_initializer_failure_is_a_start_error(backend: str) -> None:
     with pytest.raises(mt.WorkerStartError, match="initializer"):
-        mt.map(faults.square, range(4), backend=backend, workers=2,
-               initializer=faults.failing_initializer)
+        mt.map(
+            faults.square,
+            range(4),
+            backend=backend,
+            workers=2,
+            initializer=faults.failing_initializer,
+        )
 
 
 def test_pool_reuses_workers_across_calls(backend: str) -> None:
@@ -232,7 +244,13 @@ def test_functions_and_classes_of_a_script_work_without_a_main_guard(tmp_path: A
         )
     )
     env = dict(os.environ, MULTITRACK_PROGRESS="0")
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                          timeout=60, env=env, check=False)
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[0, 3, 6, 9, 12]"

@@ -17,10 +17,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import faults
 import psutil
 import pytest
 
+import faults
 import multitrack as mt
 from multitrack.backends import _process
 
@@ -33,14 +33,19 @@ CRASHES = [
 
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize(("fn", "signame", "exitcode"), CRASHES)
-def test_dead_worker_is_charged_to_its_one_task(fn: Any, signame: str | None,
-                                                exitcode: int | None) -> None:
+def test_dead_worker_is_charged_to_its_one_task(
+    fn: Any, signame: str | None, exitcode: int | None
+) -> None:
     results = mt.map(fn, range(20), workers=2, errors="return")
     assert [r for i, r in enumerate(results) if i != 3] == [i for i in range(20) if i != 3]
     crashed = results[3]
     assert isinstance(crashed, mt.WorkerCrashed)
-    assert (crashed.index, crashed.task, crashed.signal, crashed.exitcode) == (3, 3, signame,
-                                                                               exitcode)
+    assert (crashed.index, crashed.task, crashed.signal, crashed.exitcode) == (
+        3,
+        3,
+        signame,
+        exitcode,
+    )
     assert crashed.pid is not None and not psutil.pid_exists(crashed.pid)
     if signame == "SIGKILL":
         assert "out-of-memory" in str(crashed)
@@ -48,8 +53,9 @@ def test_dead_worker_is_charged_to_its_one_task(fn: Any, signame: str | None,
 
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize(("fn", "signame", "exitcode"), CRASHES)
-def test_dead_worker_raises_promptly_in_raise_mode(fn: Any, signame: str | None,
-                                                   exitcode: int | None) -> None:
+def test_dead_worker_raises_promptly_in_raise_mode(
+    fn: Any, signame: str | None, exitcode: int | None
+) -> None:
     with pytest.raises(mt.WorkerCrashed) as caught:
         mt.map(fn, range(20), workers=2)
     assert caught.value.index == 3 and caught.value.signal == signame
@@ -73,8 +79,9 @@ RAISED = [
 @pytest.mark.parametrize("backend", ["process", "thread", "serial"])
 @pytest.mark.parametrize(("fn", "kind"), RAISED)
 @pytest.mark.parametrize("errors", ["raise", "return"])
-def test_whatever_a_task_raises_is_that_tasks_failure(backend: str, fn: Any, kind: type,
-                                                      errors: str) -> None:
+def test_whatever_a_task_raises_is_that_tasks_failure(
+    backend: str, fn: Any, kind: type, errors: str
+) -> None:
     if backend == "serial" and kind is KeyboardInterrupt:
         pytest.skip("serial: a KeyboardInterrupt in the caller's thread is a real Ctrl-C")
     if errors == "raise":
@@ -109,9 +116,10 @@ def test_timeout_kills_and_replaces_the_worker(errors: str) -> None:
 
 @pytest.mark.timeout(30)
 def test_timeout_counts_from_the_start_of_the_task_not_its_queueing() -> None:
-    # 4 tasks of 0.6 s on 1 worker: the last is queued ~1.8 s, longer than the timeout.
-    results = mt.map(faults.sleep_for, [0.6] * 4, workers=1, timeout=1.2, chunksize=1)
-    assert results == [0.6] * 4
+    # 6 tasks of 0.4 s on 1 worker: the call lasts ~2.4 s, well past the timeout, but no task
+    # runs for more than 0.4 s of it.
+    results = mt.map(faults.sleep_for, [0.4] * 6, workers=1, timeout=1.5, chunksize=1)
+    assert results == [0.4] * 6
 
 
 @pytest.mark.timeout(30)
@@ -234,11 +242,18 @@ def _start_script(tmp_path: Path) -> tuple[subprocess.Popen[str], Path]:
     pid_dir = tmp_path / "pids"
     pid_dir.mkdir()
     code = SCRIPT.format(tests=str(Path(__file__).parent), pid_dir=str(pid_dir))
-    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            start_new_session=True, env=dict(os.environ, MULTITRACK_PROGRESS="1"))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        env=dict(os.environ, MULTITRACK_PROGRESS="1"),
+    )
     deadline = time.monotonic() + 20
     while len(list(pid_dir.iterdir())) < 2:
+        if proc.poll() is not None:
+            pytest.fail(f"the script ended early: {proc.communicate()[1]}")
         assert time.monotonic() < deadline, "workers never started"
         time.sleep(0.05)
     return proc, pid_dir
@@ -293,8 +308,9 @@ import faults
 pool = mt.Pool(workers=2)
 pool.map(functools.partial(faults.record_pid_and_sleep, pid_dir={str(pid_dir)!r}), [0.2] * 4)
 """
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=30, check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=False
+    )
     assert done.returncode == 0, done.stderr
     for pid in pid_dir.iterdir():
         assert _gone_within(int(pid.name), 3.0)

@@ -78,7 +78,8 @@ def read_slot(view: mmap.mmap) -> tuple[int, int, float] | None:
     for _ in range(100):
         seq, chunk_id, position, started = struct.unpack_from(SLOT_FORMAT, view, 0)
         if seq % 2 == 0 and struct.unpack_from("q", view, 0)[0] == seq:
-            return None if chunk_id == IDLE else (chunk_id, position, started)
+            # seq 0: the worker has not written yet (the fresh slot is all zeros)
+            return None if chunk_id == IDLE or seq == 0 else (chunk_id, position, started)
     return None  # pragma: no cover - a writer that never finishes is a dead writer
 
 

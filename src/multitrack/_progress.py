@@ -1,0 +1,548 @@
+"""The progress bar: parent side only, fed by completion events from ``_run``.
+
+One call gets one ``Progress``, chosen by ``make_progress``::
+
+    progress=False, MULTITRACK_PROGRESS=0, TQDM_DISABLE=1 ──▶ NullProgress (counts, draws nothing)
+    progress="log"                                       ──▶ LogProgress  (status lines)
+    stderr is a terminal                                 ──▶ TqdmProgress (live text bar)
+    inside a Jupyter kernel                              ──▶ TqdmProgress (widget; text bar
+                                                                           without ipywidgets)
+    anything else: a pipe, a file, CI, nohup, slurm      ──▶ LogProgress  (a line every 30 s)
+
+Why these modes:
+
+* **Logs get lines, not animation.** A ``\\r`` bar redirected to a file (slurm, nohup, CI) writes
+  megabytes of control characters per hour. ``LogProgress`` writes nothing until its first
+  interval has passed, then one newline-terminated line per interval and a summary at the end.
+* **The bar counts completions**, whatever order results are released in, so it never stalls
+  behind a slow first task. ``advance`` is the hot path: a counter and, at most, a clock read.
+* **ETA for parallel work**: tqdm's smoothing 0.1 instead of 0.3; concurrent, skewed task times
+  make the default jumpy (research notes, part 2.2).
+* **No thread, no multiprocessing lock.** Our tqdm subclasses set ``monitor_interval = 0`` and a
+  plain thread lock: tqdm's default lock creates a ``multiprocessing.RLock`` (which can start the
+  resource tracker process), and a lock shared with workers can freeze the bar if one dies.
+  Time moves through ``tick``, which the scheduler calls when ``wakeup_in`` says so.
+* **Worker output goes above the bar**: clear it, write the lines, draw it again.
+
+``clock`` is injectable everywhere so the cadence is tested in milliseconds.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from types import TracebackType
+from typing import IO, Any, Literal, TypeVar
+
+from tqdm import tqdm as _std_tqdm  # type: ignore[import-untyped,unused-ignore]
+
+__all__ = [
+    "LogProgress",
+    "NullProgress",
+    "Outcome",
+    "Progress",
+    "TqdmProgress",
+    "make_progress",
+]
+
+Outcome = Literal["done", "error", "interrupted"]
+Clock = Callable[[], float]
+_P = TypeVar("_P", bound="Progress")
+
+LOG_INTERVAL = 30.0  # seconds between status lines when not on a terminal
+TICK = 1.0  # seconds between redraws of a live bar while nothing completes
+LOG_SMOOTHING = 0.3  # weight of the newest interval in a status line's rate
+_OFF = ("0", "false", "no", "off")
+_FINAL_WORD: dict[str, str] = {"done": "done", "error": "stopped", "interrupted": "interrupted"}
+
+
+class Progress:
+    """What the scheduler drives: counts completions and shows them. Draws nothing itself.
+
+    Counts live here (``completed``, ``failed``, ``retried``, ``total``) so every mode can
+    report them. Used as a context manager, it closes with the outcome of the block.
+    """
+
+    def __init__(self, *, total: int | None = None, clock: Clock = time.monotonic) -> None:
+        self.total = total
+        self.completed = 0
+        self.failed = 0
+        self.retried = 0
+        self.closed = False
+        self._clock = clock
+
+    def advance(self, n: int = 1) -> None:
+        """``n`` more tasks completed (successfully or not)."""
+        self.completed += n
+
+    def add_failed(self, n: int = 1) -> None:
+        """``n`` tasks failed for good (``advance`` counts them as completed too)."""
+        self.failed += n
+
+    def add_retried(self, n: int = 1) -> None:
+        """``n`` tasks are being run again."""
+        self.retried += n
+
+    def set_total(self, total: int | None) -> None:
+        """The number of tasks turned out to be ``total`` (``None``: unknown)."""
+        self.total = total
+
+    def write(self, text: str, *, stream: Literal["stdout", "stderr"] = "stdout") -> None:
+        """Print whole lines of worker output to ``sys.stdout`` or ``sys.stderr``."""
+        _write_to(_std_stream(stream), text)
+
+    def wakeup_in(self) -> float | None:
+        """Seconds until ``tick`` should be called even if nothing completes; ``None``: never."""
+        return None
+
+    def tick(self) -> None:
+        """Refresh what depends on time alone (elapsed, ETA, a due status line)."""
+
+    def close(self, outcome: Outcome = "done") -> None:
+        """Show where the run stopped. Idempotent."""
+        self.closed = True
+
+    def postfix(self) -> str:
+        """``failed=2, retried=1``, leaving out the zero counts."""
+        parts = [f"failed={self.failed}"] if self.failed else []
+        if self.retried:
+            parts.append(f"retried={self.retried}")
+        return ", ".join(parts)
+
+    def __enter__(self: _P) -> _P:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close(_outcome_of(exc_type))
+
+
+class NullProgress(Progress):
+    """Progress switched off: counts, draws nothing, passes worker output straight through."""
+
+
+# -- the live bar (terminal or notebook) ------------------------------------------------------
+
+
+class _BarMixin:
+    """What our tqdm subclasses add: no monitor thread, a thread-only lock, our clock."""
+
+    monitor_interval = 0  # no TMonitor thread: nothing a call starts may outlive it
+    _lock = threading.RLock()  # not tqdm's default, which also creates a multiprocessing lock
+
+    # attributes of tqdm, declared for the type checker
+    n: int
+    total: int | None
+    _time: Clock
+    start_t: float
+    last_print_t: float
+
+    def use_clock(self, clock: Clock) -> None:
+        """Measure elapsed time and rate with ``clock``, starting now."""
+        self._time = clock
+        self.start_t = self.last_print_t = clock()
+
+    def set_total(self, total: int | None) -> None:
+        """Change the total in place (tqdm's ``reset`` would also zero the count)."""
+        self.total = total
+
+    @property
+    def format_dict(self) -> dict[str, Any]:
+        """tqdm's display values; a total the count has overrun is shown as unknown."""
+        values: dict[str, Any] = super().format_dict  # type: ignore[misc]
+        if values["total"] is not None and values["n"] > values["total"]:
+            values["total"] = None
+        return values
+
+
+class _TextBar(_BarMixin, _std_tqdm):  # type: ignore[misc]
+    """tqdm's text bar, threadless."""
+
+    # attributes of tqdm, declared for the type checker
+    dynamic_ncols: Any
+    fp: IO[str]
+    ncols: int | None
+    nrows: int | None
+
+    def fix_zero_size(self) -> None:
+        """Ignore a terminal that reports no size (a pty nobody sized): tqdm draws nothing."""
+        shape = self.dynamic_ncols
+        if not callable(shape):
+            return
+        unusable = (self.ncols is not None and self.ncols <= 0) or (
+            self.nrows is not None and self.nrows <= 0
+        )
+        self.dynamic_ncols = _usable_shape(shape)
+        self.ncols, self.nrows = self.dynamic_ncols(self.fp)
+        if unusable:
+            self.refresh()  # the first draw, which tqdm skipped
+
+
+def _usable_shape(shape: Callable[[Any], tuple[int | None, int | None]]) -> Callable[..., Any]:
+    def usable(fp: Any) -> tuple[int | None, int | None]:
+        cols, rows = shape(fp)
+        return (cols if cols and cols > 0 else None, rows if rows and rows > 0 else None)
+
+    return usable
+
+
+def _widget_class() -> type[Any] | None:
+    """tqdm's notebook widget bar, threadless; ``None`` when ipywidgets is missing."""
+    try:
+        from tqdm import notebook
+    except Exception:  # a broken IPython install must not break the run
+        return None
+    if notebook.IProgress is None:
+        return None
+
+    class _WidgetBar(_BarMixin, notebook.tqdm_notebook):  # type: ignore[misc]
+        def set_total(self, total: int | None) -> None:
+            super().set_total(total)
+            if total is not None and hasattr(self, "container"):
+                self.container.children[1].max = total
+                self.container.children[1].layout.width = None
+
+    return _WidgetBar
+
+
+class TqdmProgress(Progress):
+    """A live tqdm bar on a terminal (or tqdm's widget in Jupyter, ``widget=True``).
+
+    ``TQDM_*`` environment settings for the options we choose (``TQDM_MININTERVAL``, say) win
+    over our defaults, as users of tqdm expect.
+    """
+
+    def __init__(
+        self,
+        *,
+        total: int | None,
+        desc: str | None,
+        file: IO[str] | None = None,
+        clock: Clock = time.monotonic,
+        widget: bool = False,
+    ) -> None:
+        super().__init__(total=total, clock=clock)
+        self._file = sys.stderr if file is None else file
+        self._ticked_at = clock()
+        self._bar: Any = _new_bar(total=total, desc=desc, file=self._file, widget=widget)
+        self._bar.use_clock(clock)
+        if isinstance(self._bar, _TextBar):
+            self._bar.fix_zero_size()
+
+    @property
+    def is_widget(self) -> bool:
+        """Whether this is the notebook widget rather than the text bar."""
+        return not isinstance(self._bar, _TextBar)
+
+    def advance(self, n: int = 1) -> None:
+        """``n`` more tasks completed (tqdm redraws at most every ``mininterval``)."""
+        self.completed += n
+        self._bar.update(n)
+
+    def add_failed(self, n: int = 1) -> None:
+        """``n`` tasks failed for good: shown as ``failed=N`` after the rate."""
+        super().add_failed(n)
+        self._bar.set_postfix_str(self.postfix(), refresh=False)
+
+    def add_retried(self, n: int = 1) -> None:
+        """``n`` tasks run again: shown as ``retried=N`` after the rate."""
+        super().add_retried(n)
+        self._bar.set_postfix_str(self.postfix(), refresh=False)
+
+    def set_total(self, total: int | None) -> None:
+        """Change the total and redraw."""
+        super().set_total(total)
+        if not self.closed:
+            self._bar.set_total(total)
+            self._bar.refresh()
+
+    def write(self, text: str, *, stream: Literal["stdout", "stderr"] = "stdout") -> None:
+        """Clear the bar, print the lines, draw the bar again below them."""
+        target = _std_stream(stream)
+        if self.closed:
+            _write_to(target, text)
+            return
+        with self._bar.get_lock():
+            self._bar.clear(nolock=True)
+            _write_to(target, text if text.endswith("\n") else text + "\n")
+            self._bar.refresh(nolock=True)
+
+    def wakeup_in(self) -> float | None:
+        """Seconds until the elapsed time on the bar is a second stale."""
+        if self.closed:
+            return None
+        drawn_at = max(float(self._bar.last_print_t), self._ticked_at)
+        return max(0.0, drawn_at + TICK - self._clock())
+
+    def tick(self) -> None:
+        """Redraw if nothing has for a second (elapsed and ETA keep moving)."""
+        if self.wakeup_in() == 0.0:
+            self._ticked_at = self._clock()
+            self._bar.refresh()
+
+    def close(self, outcome: Outcome = "done") -> None:
+        """Draw the final state (with ``stopped`` or ``interrupted`` unless done) and end the
+        line."""
+        if self.closed:
+            return
+        super().close(outcome)
+        if outcome != "done":
+            word = _FINAL_WORD[outcome]
+            self._bar.set_postfix_str(
+                ", ".join(filter(None, [self.postfix(), word])), refresh=False
+            )
+        self._bar.close()
+
+
+def _new_bar(*, total: int | None, desc: str | None, file: IO[str], widget: bool) -> Any:
+    """The widget when asked for and possible, else the text bar."""
+    options = {"total": total, "desc": desc, "file": file, **_tqdm_options()}
+    widget_class = _widget_class() if widget else None
+    if widget_class is not None:
+        try:
+            return widget_class(**options)
+        except Exception:  # no widget front end after all: the text bar still works
+            pass
+    return _TextBar(**options)
+
+
+def _tqdm_options() -> dict[str, Any]:
+    """Our tqdm settings, minus those the user set through ``TQDM_*`` variables."""
+    ours: dict[str, Any] = {
+        "mininterval": 0.1,
+        "dynamic_ncols": True,
+        "smoothing": 0.1,
+        "unit": "task",
+    }
+    chosen = {k: v for k, v in ours.items() if f"TQDM_{k.upper()}" not in os.environ}
+    return {**chosen, "leave": True, "disable": False}
+
+
+# -- status lines for logs ---------------------------------------------------------------------
+
+
+class LogProgress(Progress):
+    """Plain status lines for pipes, files and CI logs: never ``\\r``, never ANSI codes.
+
+    Silent for the first ``interval`` seconds (default 30, or ``MULTITRACK_LOG_INTERVAL``), then
+    one line per interval::
+
+        resize: 6300/10000 (63%) elapsed 00:12, eta 00:07, 512.2 task/s, failed=2
+
+    and always a summary when closed::
+
+        resize: done 10000/10000 (100%) in 00:19, 512.2 task/s, failed=2
+
+    The rate in a status line is an average over recent intervals (weight ``LOG_SMOOTHING``
+    on the newest); the summary's is the average over the whole run.
+    """
+
+    def __init__(
+        self,
+        *,
+        total: int | None,
+        desc: str | None,
+        file: IO[str] | None = None,
+        clock: Clock = time.monotonic,
+        interval: float | None = None,
+    ) -> None:
+        super().__init__(total=total, clock=clock)
+        self._file: IO[str] | None = sys.stderr if file is None else file
+        self._label = desc or "multitrack"
+        self.interval = _log_interval() if interval is None else interval
+        self._started_at = clock()
+        self._next_line_at = self._started_at + self.interval
+        self._last_line = (self._started_at, 0)  # (time, completed) at the previous line
+        self._rate: float | None = None
+
+    def advance(self, n: int = 1) -> None:
+        """``n`` more tasks completed; writes a status line if one is due."""
+        self.completed += n
+        if self._clock() >= self._next_line_at:
+            self._status_line()
+
+    def wakeup_in(self) -> float | None:
+        """Seconds until the next status line is due."""
+        if self.closed:
+            return None
+        return max(0.0, self._next_line_at - self._clock())
+
+    def tick(self) -> None:
+        """Write the status line if it is due (also when nothing completed since the last)."""
+        if not self.closed and self._clock() >= self._next_line_at:
+            self._status_line()
+
+    def close(self, outcome: Outcome = "done") -> None:
+        """Write the summary line. Idempotent."""
+        if self.closed:
+            return
+        super().close(outcome)
+        elapsed = self._clock() - self._started_at
+        rate = self.completed / elapsed if elapsed > 0 else None
+        self._emit(
+            f"{self._label}: {_FINAL_WORD[outcome]} {self._count()} "
+            f"in {_clock_time(elapsed)}, {_format_rate(rate)}"
+        )
+
+    def _status_line(self) -> None:
+        now = self._clock()
+        self._update_rate(now)
+        while self._next_line_at <= now:  # after a long stall, skip the missed lines
+            self._next_line_at += self.interval
+        elapsed = _clock_time(now - self._started_at)
+        eta = "" if self._known_total() is None else f", eta {self._eta()}"
+        self._emit(
+            f"{self._label}: {self._count()} elapsed {elapsed}{eta}, {_format_rate(self._rate)}"
+        )
+
+    def _update_rate(self, now: float) -> None:
+        then, completed_then = self._last_line
+        self._last_line = (now, self.completed)
+        if now <= then:
+            return
+        recent = (self.completed - completed_then) / (now - then)
+        old = self._rate
+        self._rate = recent if old is None else LOG_SMOOTHING * recent + (1 - LOG_SMOOTHING) * old
+
+    def _known_total(self) -> int | None:
+        """The total, unless the count has overrun it (the input was longer than hinted)."""
+        total = self.total
+        return None if total is None or self.completed > total else total
+
+    def _count(self) -> str:
+        total = self._known_total()
+        if total is None:
+            return str(self.completed)
+        percent = 100 if total == 0 else math.floor(100 * self.completed / total)
+        return f"{self.completed}/{total} ({percent}%)"
+
+    def _eta(self) -> str:
+        total, rate = self._known_total(), self._rate
+        if total is None or not rate:
+            return "?"
+        return _clock_time((total - self.completed) / rate)
+
+    def _emit(self, line: str) -> None:
+        counts = self.postfix()
+        text = f"{line}, {counts}\n" if counts else f"{line}\n"
+        if self._file is None:
+            return
+        try:
+            self._file.write(text)
+            self._file.flush()
+        except (OSError, ValueError):  # closed or broken log: stop logging, keep running
+            self._file = None
+
+
+def _clock_time(seconds: float) -> str:
+    """``00:12`` or ``1:02:03``, as tqdm shows times."""
+    return str(_std_tqdm.format_interval(seconds))
+
+
+def _format_rate(rate: float | None) -> str:
+    if not rate:
+        return "? task/s"
+    if rate < 1:
+        return f"{1 / rate:.1f} s/task"
+    return f"{rate:.1f} task/s"
+
+
+def _log_interval() -> float:
+    """``MULTITRACK_LOG_INTERVAL`` (seconds) when it is a positive number, else 30."""
+    raw = os.environ.get("MULTITRACK_LOG_INTERVAL", "")
+    try:
+        value = float(raw)
+    except ValueError:
+        return LOG_INTERVAL
+    return value if 0 < value < math.inf else LOG_INTERVAL
+
+
+# -- choosing ----------------------------------------------------------------------------------
+
+
+def make_progress(
+    progress: bool | str,
+    *,
+    total: int | None,
+    desc: str | None,
+    file: IO[str] | None = None,
+    clock: Clock = time.monotonic,
+) -> Progress:
+    """Pick the right ``Progress`` for one call (see the module docstring).
+
+    ``progress``: ``True`` (auto), ``False`` (off) or ``"log"`` (status lines even on a
+    terminal). Off also when ``MULTITRACK_PROGRESS`` is 0/false/off/no, when ``TQDM_DISABLE``
+    is set to anything but those, or when there is no stream to draw on. ``file`` defaults to
+    ``sys.stderr`` as it is at the time of the call.
+    """
+    if progress not in (True, False, "log"):
+        raise ValueError(f"progress must be True, False or 'log', got {progress!r}")
+    stream: IO[str] | None = sys.stderr if file is None else file
+    if progress is False or _disabled_by_env() or stream is None:
+        return NullProgress(total=total, clock=clock)
+    if progress == "log":
+        return LogProgress(total=total, desc=desc, file=stream, clock=clock)
+    if _isatty(stream):
+        return TqdmProgress(total=total, desc=desc, file=stream, clock=clock)
+    if stream in (sys.stderr, sys.stdout) and _in_notebook():
+        return TqdmProgress(total=total, desc=desc, file=stream, clock=clock, widget=True)
+    return LogProgress(total=total, desc=desc, file=stream, clock=clock)
+
+
+def _disabled_by_env() -> bool:
+    ours = os.environ.get("MULTITRACK_PROGRESS", "").strip().lower()
+    tqdm_off = os.environ.get("TQDM_DISABLE", "").strip().lower()
+    return ours in _OFF or tqdm_off not in ("", *_OFF)
+
+
+def _isatty(stream: IO[str]) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, OSError, ValueError):  # no isatty, or a closed stream
+        return False
+
+
+def _in_notebook() -> bool:
+    """Inside a Jupyter kernel (not a terminal or Qt console), as ``tqdm.autonotebook`` tells."""
+    if "IPython.utils._process_emscripten" in sys.modules:
+        return True  # JupyterLite
+    if "ipykernel.zmqshell" not in sys.modules:
+        return False
+    if any(name == "QT_API" or name.startswith("SPYDER") for name in os.environ):
+        return False
+    try:
+        shell = sys.modules["IPython"].get_ipython()
+    except Exception:  # IPython half-imported or replaced
+        return False
+    name = type(shell).__name__.lower()
+    return shell is not None and "qt" not in name and "spyder" not in name
+
+
+# -- small helpers -----------------------------------------------------------------------------
+
+
+def _std_stream(stream: Literal["stdout", "stderr"]) -> IO[str] | None:
+    return sys.stderr if stream == "stderr" else sys.stdout
+
+
+def _write_to(target: IO[str] | None, text: str) -> None:
+    if target is None:  # pythonw and friends have no stdout
+        return
+    target.write(text)
+    target.flush()
+
+
+def _outcome_of(exc_type: type[BaseException] | None) -> Outcome:
+    if exc_type is None:
+        return "done"
+    if issubclass(exc_type, KeyboardInterrupt):
+        return "interrupted"
+    return "error"
