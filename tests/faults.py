@@ -164,3 +164,12 @@ def record_pid_and_sleep(seconds: float, pid_dir: str) -> float:
         pass
     time.sleep(seconds)
     return seconds
+
+
+def hold_the_gil_on(x: Any, bad: int = 0) -> Any:
+    """Catastrophic regex backtracking: minutes inside C code that never releases the GIL."""
+    import re
+
+    if x == bad:
+        re.match(r"(a+)+$", "a" * 40 + "!")
+    return x

@@ -314,3 +314,16 @@ pool.map(functools.partial(faults.record_pid_and_sleep, pid_dir={str(pid_dir)!r}
     assert done.returncode == 0, done.stderr
     for pid in pid_dir.iterdir():
         assert _gone_within(int(pid.name), 3.0)
+
+
+@pytest.mark.timeout(30)
+def test_large_arguments_queued_behind_a_hung_task_do_not_block_its_timeout() -> None:
+    # Task 0 hangs in C code holding the GIL, so the worker's reader thread cannot run. The
+    # large argument of task 1 must not be pushed into that worker's socket (the send would
+    # wait for the hung task), or the timeout could never fire.
+    big = b"x" * (4 * 1024 * 1024)
+    results = mt.map(
+        faults.hold_the_gil_on, [0, big, 2], workers=1, timeout=1.0, chunksize=1, errors="return"
+    )
+    assert isinstance(results[0], mt.TaskTimeout)
+    assert results[1] == big and results[2] == 2

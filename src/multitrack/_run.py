@@ -35,7 +35,7 @@ from typing import Any, Literal
 
 from multitrack._chunks import ChunkSizer
 from multitrack._errors import TaskError, TaskTimeout, WorkerCrashed, task_label
-from multitrack._progress import Progress
+from multitrack._progress import NullProgress, Progress
 from multitrack.backends._base import Backend, Chunk, Completed, Lost
 
 # A task requeued this many times because the worker holding it died *between* tasks is
@@ -136,7 +136,7 @@ class Run:
             if self.owns_backend:
                 self.backend.close(kill=aborted)
         finally:
-            if self.failed and not aborted:
+            if self.failed and not aborted and not isinstance(self.progress, NullProgress):
                 self._summarize_failures()
             self.progress.close(outcome)
 

@@ -74,6 +74,11 @@ BOOT_TIMEOUT = 60.0
 EXIT_GRACE = 2.0
 # How many chunks one worker may hold: one running, one waiting, so it never idles.
 PER_WORKER = 2
+# A waiting chunk larger than this is held back here until its worker is idle. Smaller ones fit
+# in the socket's kernel buffer and cost the sender nothing; a larger send must wait for the
+# worker's reader thread, which cannot run while a task holds the GIL in C code: the send (and
+# with it every deadline) would wait for that task.
+PREFETCH_MAX_BYTES = 64 * 1024
 
 _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _BOOT = (
@@ -109,6 +114,7 @@ class _Proc:
     tasks_done: int = 0
     pending_out: dict[str, bytes] = field(default_factory=dict)
     last_stderr: bytes = b""
+    held_back: list[tuple[Any, ...]] = field(default_factory=list)  # sent once it is idle
 
     @property
     def pid(self) -> int:
@@ -166,6 +172,7 @@ class ProcessBackend(Backend):
                 self._kill(proc)
                 self._reap(proc, report=False)
             proc.sent.clear()
+            proc.held_back.clear()
         self._fn = None
 
     def close(self, *, kill: bool = False) -> None:
@@ -219,17 +226,21 @@ class ProcessBackend(Backend):
             return
         target = self._pick_worker(len(chunk.indices))
         sent = _Sent(chunk, len(chunk.indices) - len(unpicklable), split=bool(unpicklable))
-        target.sent[chunk.id] = sent
         if sent.split:  # send the picklable ones one by one, keeping their positions
-            for position, blob in payload[0]:
-                self._try_send(target, ("chunk", chunk.id, position, blob))
+            messages = [("chunk", chunk.id, position, blob) for position, blob in payload[0]]
         else:
-            self._try_send(target, ("chunk", chunk.id, 0, payload[1]))
+            messages = [("chunk", chunk.id, 0, payload[1])]
+        size = sum(len(message[3]) for message in messages)
+        busy = bool(target.sent)
+        target.sent[chunk.id] = sent
+        if busy and size > PREFETCH_MAX_BYTES:
+            target.held_back.extend(messages)
+            return
+        for message in messages:
+            self._try_send(target, message)
 
     def _pick_worker(self, size: int) -> _Proc:
-        # The least loaded worker. A waiting chunk is queued behind a running one; the
-        # worker's reader thread takes it off the socket at once, so this send does not wait
-        # for the running task (unless that task holds the GIL in C code for long).
+        # The least loaded worker; a waiting chunk is queued behind its running one.
         candidates = [p for p in self._free() if self._quota_left(p) >= size]
         if not candidates:
             raise RuntimeError("submit() without room")  # a scheduler bug, not user error
@@ -352,6 +363,9 @@ class ProcessBackend(Backend):
         proc.tasks_done += len(outcomes)
         if sent.remaining <= 0:
             del proc.sent[chunk_id]
+            for message in proc.held_back:
+                self._try_send(proc, message)
+            proc.held_back.clear()
         self._events.append(Completed(chunk_id, outcomes, busy))
         if not proc.sent and self._quota_left(proc) <= 0:
             self._retire(proc)
@@ -478,6 +492,7 @@ class ProcessBackend(Backend):
                 )
             )
         proc.sent.clear()
+        proc.held_back.clear()
 
     def _release(self, proc: _Proc) -> None:
         proc.conn.close()
