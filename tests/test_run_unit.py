@@ -387,3 +387,15 @@ def test_auto_chunks_are_capped_and_shrink_at_the_end() -> None:
 def test_fixed_chunksize_and_cap() -> None:
     assert ChunkSizer(fixed=7, slots=2).next_size(3) == 7
     assert ChunkSizer(fixed=7, slots=2, cap=5).next_size(None) == 5
+
+
+def test_unknown_culprit_in_a_lost_chunk_is_isolated_and_then_blamed_alone() -> None:
+    # The worker dies before running any task of its chunk (a death while unpickling, say):
+    # the culprit is unknown, so each task of that chunk runs alone next time.
+    inputs = [ok(0), ok(1), ok(2), (Script.DIE_BETWEEN,), ok(4), ok(5)]
+    run, backend, _ = make_run(inputs, chunksize=3, errors="return")
+    results = list(run)
+    assert isinstance(results[3], WorkerCrashed)
+    assert [r for i, r in enumerate(results) if i != 3] == [0, 1, 2, 4, 5]
+    reruns = [c.indices for c in backend.submitted[2:]]
+    assert [3] in reruns and [4] in reruns and [5] in reruns  # each ran on its own

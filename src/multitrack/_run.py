@@ -91,6 +91,9 @@ class Run:
         self.args: dict[int, tuple[Any, ...]] = {}  # unfinished tasks' arguments
         self.attempts: dict[int, int] = {}  # runs started (or lost) per unfinished task
         self.bystander: dict[int, int] = {}
+        # Tasks of a lost chunk whose culprit is unknown: each runs alone next time, so a
+        # second death is charged to exactly one task.
+        self.isolated: set[int] = set()
         self.owner: dict[int, int] = {}  # task index -> chunk id it is in
         self.chunks: dict[int, Chunk] = {}
         self.requeued: list[tuple[float, int]] = []  # heap of (not before, index)
@@ -179,7 +182,13 @@ class Run:
         indices: list[int] = []
         now = self.clock()
         while self.requeued and len(indices) < size and self.requeued[0][0] <= now:
+            index = self.requeued[0][1]
+            if index in self.isolated and indices:
+                break
             indices.append(heapq.heappop(self.requeued)[1])
+            if index in self.isolated:
+                self.isolated.discard(index)
+                break
         while len(indices) < size and self._may_pull():
             try:
                 args = next(self.calls)
@@ -237,6 +246,8 @@ class Run:
             blamed = None
             if event.running is not None and event.running[0] == chunk_id:
                 blamed = chunk.indices[event.running[1]]
+            elif len(unfinished) > 1 and chunk_id == event.chunk_ids[0]:
+                self.isolated.update(unfinished)  # the culprit is one of them: run each alone
             for index in unfinished:
                 del self.owner[index]
                 if index == blamed:
@@ -294,6 +305,7 @@ class Run:
         del self.args[index]
         del self.attempts[index]
         self.bystander.pop(index, None)
+        self.isolated.discard(index)
         if self.ordered:
             self.results[index] = value
         else:
