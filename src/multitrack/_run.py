@@ -244,26 +244,31 @@ class Run:
                 continue
             unfinished = [i for i in chunk.indices if self.owner.get(i) == chunk_id]
             blamed = None
+            # With no task known to be running, the suspects are the tasks of the chunk the
+            # worker was on (the oldest it held); tasks of its waiting chunks never started.
+            suspect = event.running is None and chunk_id == event.chunk_ids[0]
             if event.running is not None and event.running[0] == chunk_id:
                 blamed = chunk.indices[event.running[1]]
-            elif len(unfinished) > 1 and chunk_id == event.chunk_ids[0]:
+            elif suspect and len(unfinished) > 1:
                 self.isolated.update(unfinished)  # the culprit is one of them: run each alone
             for index in unfinished:
                 del self.owner[index]
                 if index == blamed:
                     self._fail(index, self._death_error(index, event))
                 else:
-                    self._requeue_bystander(index, event)
+                    self._requeue_unstarted(index, event, suspect=suspect)
 
-    def _requeue_bystander(self, index: int, event: Lost) -> None:
-        """An unfinished task of a lost worker that was not running when it went."""
+    def _requeue_unstarted(self, index: int, event: Lost, *, suspect: bool) -> None:
+        """An unfinished task of a lost worker that was not running when it went: run it
+        again without using up an attempt. A suspect that keeps being lost is the culprit."""
         self.attempts[index] -= 1  # it did not really run
-        self.bystander[index] = self.bystander.get(index, 0) + 1
-        if self.bystander[index] > MAX_BYSTANDER_REQUEUES:
-            self.attempts[index] += 1
-            self._fail(index, self._death_error(index, event))
-        else:
-            heapq.heappush(self.requeued, (0.0, index))
+        if suspect:
+            self.bystander[index] = self.bystander.get(index, 0) + 1
+            if self.bystander[index] > MAX_BYSTANDER_REQUEUES:
+                self.attempts[index] += 1
+                self._fail(index, self._death_error(index, event))
+                return
+        heapq.heappush(self.requeued, (0.0, index))
 
     def _death_error(self, index: int, event: Lost) -> TaskError:
         task, attempts = self.describe(self.args[index]), self.attempts[index]
