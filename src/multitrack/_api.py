@@ -92,7 +92,7 @@ def map(
         [4, 9, 16]
     """
     call = _prepare("map", fn, iterables, options, star=False)
-    return list(call.start(max_ahead=None))
+    return _collect(call.start(max_ahead=None))
 
 
 def imap(
@@ -112,7 +112,7 @@ def imap(
         4
     """
     call = _prepare("imap", fn, iterables, options, star=False)
-    return call.start(max_ahead=MAX_AHEAD)
+    return iter(call.start(max_ahead=MAX_AHEAD))
 
 
 def starmap(
@@ -126,7 +126,7 @@ def starmap(
         [32, 9]
     """
     call = _prepare("starmap", fn, (iterable,), options, star=True)
-    return list(call.start(max_ahead=None))
+    return _collect(call.start(max_ahead=None))
 
 
 def run_calls(
@@ -141,16 +141,20 @@ def run_calls(
     object of their own. ``options`` are those of ``map``."""
     opts = validate(**options)
     backend = _new_backend(opts)
-    return _Call(
-        fn,
-        iter(calls),
-        total,
-        opts,
-        backend,
-        owns_backend=True,
-        progress=progress,
-        describe=_single_or_tuple,
-    ).start(max_ahead=MAX_AHEAD)
+    return (
+        _Call(
+            fn,
+            iter(calls),
+            total,
+            opts,
+            backend,
+            owns_backend=True,
+            progress=progress,
+            describe=_single_or_tuple,
+        )
+        .start(max_ahead=MAX_AHEAD)
+        .__iter__()
+    )
 
 
 class Pool:
@@ -171,7 +175,7 @@ class Pool:
     def __init__(self, workers: int | None = None, **options: Unpack[PoolOptions]) -> None:
         self._options = validate(workers=workers, **options)
         self._backend: Backend | None = None
-        self._busy: weakref.ref[Any] | None = None
+        self._busy: weakref.ref[Run] | None = None
         self._closed = False
         _live_pools.add(self)
 
@@ -184,13 +188,13 @@ class Pool:
         self, fn: Callable[..., Any], *iterables: Iterable[Any], **options: Unpack[CallOptions]
     ) -> list[Any]:
         """``multitrack.map`` on this pool's workers."""
-        return list(self._start("map", fn, iterables, options, star=False, max_ahead=None))
+        return _collect(self._start("map", fn, iterables, options, star=False, max_ahead=None))
 
     def imap(
         self, fn: Callable[..., Any], *iterables: Iterable[Any], **options: Unpack[CallOptions]
     ) -> Iterator[Any]:
         """``multitrack.imap`` on this pool's workers."""
-        return self._start("imap", fn, iterables, options, star=False, max_ahead=MAX_AHEAD)
+        return iter(self._start("imap", fn, iterables, options, star=False, max_ahead=MAX_AHEAD))
 
     def starmap(
         self,
@@ -199,7 +203,7 @@ class Pool:
         **options: Unpack[CallOptions],
     ) -> list[Any]:
         """``multitrack.starmap`` on this pool's workers."""
-        return list(self._start("starmap", fn, (iterable,), options, star=True, max_ahead=None))
+        return _collect(self._start("starmap", fn, (iterable,), options, star=True, max_ahead=None))
 
     def _start(
         self,
@@ -210,7 +214,7 @@ class Pool:
         *,
         star: bool,
         max_ahead: int | None,
-    ) -> Iterator[Any]:
+    ) -> Run:
         if self._closed:
             raise RuntimeError("this Pool is closed")
         for key in options:
@@ -218,16 +222,17 @@ class Pool:
                 raise TypeError(f"{key} belongs to the Pool; pass it to Pool(...), not to {name}()")
         opts = validate(self._options, **options)
         calls, total, describe = _inputs(name, fn, iterables, star)
-        if self._busy is not None and self._busy() is not None:
+        busy = self._busy() if self._busy is not None else None
+        if busy is not None and not busy.over:
             raise RuntimeError(
                 "this Pool is still running an earlier imap; finish or close() it first"
             )
         if self._backend is None:
             self._backend = _new_backend(opts)
         call = _Call(fn, calls, total, opts, self._backend, owns_backend=False, describe=describe)
-        iterator = call.start(max_ahead=max_ahead)
-        self._busy = weakref.ref(iterator)
-        return iterator
+        run = call.start(max_ahead=max_ahead)
+        self._busy = weakref.ref(run)
+        return run
 
     def close(self) -> None:
         """Stop the workers (waiting briefly for them to exit). Idempotent."""
@@ -277,10 +282,10 @@ class _Call:
         self.backend, self.owns_backend, self.describe = backend, owns_backend, describe
         self.progress = progress
 
-    def start(self, *, max_ahead: int | None) -> Iterator[Any]:
+    def start(self, *, max_ahead: int | None) -> Run:
         opts = self.opts
         progress = self.progress or make_progress(opts.progress, total=self.total, desc=opts.desc)
-        run = Run(
+        return Run(
             self.backend,
             self.fn,
             self.calls,
@@ -295,7 +300,14 @@ class _Call:
             max_ahead=max_ahead,
             owns_backend=self.owns_backend,
         )
-        return iter(run)
+
+
+def _collect(run: Run) -> list[Any]:
+    """Every result of a run, in a list (``map``): gathered batch by batch, not one by one."""
+    results: list[Any] = []
+    for batch in run.batches():
+        results.extend(batch)
+    return results
 
 
 def _prepare(
@@ -348,7 +360,7 @@ def _inputs(
     if star:
         return (tuple(args) for args in iterators[0]), total, tuple
     if len(iterators) == 1:
-        return ((item,) for item in iterators[0]), total, _single
+        return builtins.zip(iterators[0]), total, _single  # 1-tuples, made in C
     return builtins.zip(*iterators, strict=False), total, tuple  # like map: stop at the shortest
 
 

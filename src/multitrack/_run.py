@@ -27,9 +27,9 @@ Time comes from an injectable ``clock`` so the policy is tested in milliseconds.
 from __future__ import annotations
 
 import heapq
+import itertools
 import time
-from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -88,25 +88,36 @@ class Run:
 
         self.pulled = 0  # tasks taken from the input so far
         self.exhausted = False
-        self.args: dict[int, tuple[Any, ...]] = {}  # unfinished tasks' arguments
-        self.attempts: dict[int, int] = {}  # runs started (or lost) per unfinished task
+        self.args: dict[int, tuple[Any, ...]] = {}  # unsettled tasks' arguments
+        self.runs: dict[int, int] = {}  # runs that failed, per unsettled task (absent: none)
         self.bystander: dict[int, int] = {}
         # Tasks of a lost chunk whose culprit is unknown: each runs alone next time, so a
         # second death is charged to exactly one task.
         self.isolated: set[int] = set()
-        self.owner: dict[int, int] = {}  # task index -> chunk id it is in
-        self.chunks: dict[int, Chunk] = {}
+        self.chunks: dict[int, Chunk] = {}  # in flight
+        self.pending: dict[int, set[int]] = {}  # chunk id -> its tasks not yet reported
         self.requeued: list[tuple[float, int]] = []  # heap of (not before, index)
         self.next_chunk_id = 0
-        self.results: dict[int, Any] = {}  # finished, not yet released (ordered)
-        self.ready: deque[Any] = deque()  # finished, not yet released (unordered)
+        self.results: dict[int, Any] = {}  # settled, not yet released (ordered)
+        self.ready: list[Any] = []  # settled, not yet released (unordered)
         self.next_release = 0
         self.completed = 0
         self.failed: list[TaskError] = []
+        self.over = False  # set once the call has ended, however it ended
 
     # -- the loop -------------------------------------------------------------------------
 
     def __iter__(self) -> Iterator[Any]:
+        """The results one by one (what ``imap`` gives)."""
+        batches = self.batches()
+        try:
+            for batch in batches:
+                yield from batch
+        finally:
+            batches.close()  # an imap closed half-way stops its workers now, not at GC
+
+    def batches(self) -> Generator[list[Any], None, None]:
+        """The results in lists, as they become releasable (what ``map`` collects)."""
         outcome: Literal["done", "error", "interrupted"] = "error"
         try:
             self.backend.begin(self.fn, self._output)
@@ -114,7 +125,9 @@ class Run:
                 # Fill first: pulling is what discovers the end of the input, and the check
                 # below must see it (else we would wait for events that will never come).
                 self._fill()
-                yield from self._release()
+                released = self._release()
+                if released:
+                    yield released
                 if self._finished():
                     break
                 for event in self.backend.poll(self._wait_time()):
@@ -133,6 +146,7 @@ class Run:
             self._shutdown(outcome)
 
     def _shutdown(self, outcome: Literal["done", "error", "interrupted"]) -> None:
+        self.over = True
         aborted = outcome != "done"
         try:
             self.backend.end(abort=aborted)
@@ -169,8 +183,7 @@ class Run:
             if chunk is None:
                 return
             self.chunks[chunk.id] = chunk
-            for index in chunk.indices:
-                self.owner[index] = chunk.id
+            self.pending[chunk.id] = set(chunk.indices)
             self.backend.submit(chunk)
 
     def _next_chunk(self) -> Chunk | None:
@@ -189,60 +202,87 @@ class Run:
             if index in self.isolated:
                 self.isolated.discard(index)
                 break
-        while len(indices) < size and self._may_pull():
-            try:
-                args = next(self.calls)
-            except StopIteration:
-                self.exhausted = True
-                if self.total != self.pulled:
-                    self.total = self.pulled
-                    self.progress.set_total(self.pulled)
-                break
-            index = self.pulled
-            self.pulled += 1
-            self.args[index] = args
-            self.attempts[index] = 0
-            indices.append(index)
+        fresh = self._pull(size - len(indices))
+        if fresh:
+            indices.extend(range(self.pulled - len(fresh), self.pulled))
         if not indices:
             return None
-        for index in indices:
-            self.attempts[index] += 1
-        chunk = Chunk(self.next_chunk_id, indices, [self.args[i] for i in indices])
+        args = self.args
+        chunk = Chunk(
+            self.next_chunk_id,
+            indices,
+            fresh if len(fresh) == len(indices) else [args[i] for i in indices],
+        )
         self.next_chunk_id += 1
         return chunk
 
-    def _may_pull(self) -> bool:
-        if self.exhausted:
-            return False
-        if self.max_ahead is None or not self.ordered:
-            return True
-        return self.pulled - self.next_release < self.max_ahead
+    def _pull(self, wanted: int) -> list[tuple[Any, ...]]:
+        """Take up to ``wanted`` new tasks from the input (fewer when ordered intake is too
+        far ahead of release)."""
+        if self.exhausted or wanted <= 0:
+            return []
+        if self.max_ahead is not None and self.ordered:
+            wanted = min(wanted, self.max_ahead - (self.pulled - self.next_release))
+            if wanted <= 0:
+                return []
+        fresh = list(itertools.islice(self.calls, wanted))
+        first = self.pulled
+        self.pulled += len(fresh)
+        self.args.update(zip(range(first, self.pulled), fresh, strict=True))
+        if len(fresh) < wanted:
+            self.exhausted = True
+            if self.total != self.pulled:
+                self.total = self.pulled
+                self.progress.set_total(self.pulled)
+        return fresh
 
     # -- events ---------------------------------------------------------------------------
 
     def _on_completed(self, event: Completed) -> None:
-        done = 0
-        for index, ok, value in event.outcomes:
-            if self.owner.get(index) != event.chunk_id:
-                continue  # a stale copy: this task was already settled or moved
-            del self.owner[index]
-            if ok:
-                self._settle(index, value)
-                done += 1
-            else:
-                self._fail(index, value)
-        self._forget_chunk_if_done(event.chunk_id)
-        self.sizer.observe(len(event.outcomes), event.busy_seconds)
+        pending = self.pending.get(event.chunk_id)
+        if pending is None:
+            return  # the backend's contract rules this out; never count a task twice
+        outcomes = event.outcomes
+        reported = [outcome[0] for outcome in outcomes]
+        if not pending.issuperset(reported):
+            outcomes = [o for o in outcomes if o[0] in pending]
+            reported = [outcome[0] for outcome in outcomes]
+        pending.difference_update(reported)
+        if not pending:
+            del self.pending[event.chunk_id], self.chunks[event.chunk_id]
+        self.sizer.observe(len(outcomes), event.busy_seconds)
+        # The hot path: one dict operation per task, nothing else.
+        args, failures = self.args, []
+        if self.ordered:
+            results = self.results
+            for index, ok, value in outcomes:
+                if ok:
+                    results[index] = value
+                    del args[index]
+                else:
+                    failures.append((index, value))
+        else:
+            ready = self.ready
+            for index, ok, value in outcomes:
+                if ok:
+                    ready.append(value)
+                    del args[index]
+                else:
+                    failures.append((index, value))
+        done = len(outcomes) - len(failures)
         if done:
             self.completed += done
             self.progress.advance(done)
+        for index, cause in failures:
+            self._fail(index, cause)
 
     def _on_lost(self, event: Lost) -> None:
         for chunk_id in event.chunk_ids:
             chunk = self.chunks.pop(chunk_id, None)
+            pending = self.pending.pop(chunk_id, set())
             if chunk is None:
                 continue
-            unfinished = [i for i in chunk.indices if self.owner.get(i) == chunk_id]
+            unfinished = [i for i in chunk.indices if i in pending]
             blamed = None
             # With no task known to be running, the suspects are the tasks of the chunk the
             # worker was on (the oldest it held); tasks of its waiting chunks never started.
@@ -252,7 +292,6 @@ class Run:
             elif suspect and len(unfinished) > 1:
                 self.isolated.update(unfinished)  # the culprit is one of them: run each alone
             for index in unfinished:
-                del self.owner[index]
                 if index == blamed:
                     self._fail(index, self._death_error(index, event))
                 else:
@@ -261,17 +300,15 @@ class Run:
     def _requeue_unstarted(self, index: int, event: Lost, *, suspect: bool) -> None:
         """An unfinished task of a lost worker that was not running when it went: run it
         again without using up an attempt. A suspect that keeps being lost is the culprit."""
-        self.attempts[index] -= 1  # it did not really run
         if suspect:
             self.bystander[index] = self.bystander.get(index, 0) + 1
             if self.bystander[index] > MAX_BYSTANDER_REQUEUES:
-                self.attempts[index] += 1
                 self._fail(index, self._death_error(index, event))
                 return
         heapq.heappush(self.requeued, (0.0, index))
 
     def _death_error(self, index: int, event: Lost) -> TaskError:
-        task, attempts = self.describe(self.args[index]), self.attempts[index]
+        task, attempts = self.describe(self.args[index]), self.runs.get(index, 0) + 1
         if event.killed:
             return TaskTimeout(
                 f"{task_label(index, task)} timed out after {self.policy.timeout:g} s "
@@ -286,8 +323,9 @@ class Run:
 
     def _fail(self, index: int, cause: BaseException) -> None:
         """Apply the failure policy to a task that raised, crashed or timed out."""
-        attempts = self.attempts[index]
+        attempts = self.runs.get(index, 0) + 1
         if attempts <= self.policy.retries:
+            self.runs[index] = attempts
             delay = self.policy.retry_delay * 2 ** (attempts - 1)
             heapq.heappush(self.requeued, (self.clock() + delay, index))
             self.progress.add_retried()
@@ -308,18 +346,13 @@ class Run:
 
     def _settle(self, index: int, value: Any) -> None:
         del self.args[index]
-        del self.attempts[index]
+        self.runs.pop(index, None)
         self.bystander.pop(index, None)
         self.isolated.discard(index)
         if self.ordered:
             self.results[index] = value
         else:
             self.ready.append(value)
-
-    def _forget_chunk_if_done(self, chunk_id: int) -> None:
-        chunk = self.chunks.get(chunk_id)
-        if chunk is not None and all(self.owner.get(i) != chunk_id for i in chunk.indices):
-            del self.chunks[chunk_id]
 
     def _enforce_deadlines(self) -> None:
         timeout = self.policy.timeout
@@ -332,17 +365,18 @@ class Run:
 
     # -- releasing ------------------------------------------------------------------------
 
-    def _release(self) -> Iterator[Any]:
+    def _release(self) -> list[Any]:
+        """Take the results that may be handed to the caller now."""
         if self.ordered:
-            results = self.results
-            while self.next_release in results:
-                value = results.pop(self.next_release)
-                self.next_release += 1
-                yield value
-        else:
-            while self.ready:
-                self.next_release += 1
-                yield self.ready.popleft()
+            results, start = self.results, self.next_release
+            end = start
+            while end in results:
+                end += 1
+            self.next_release = end
+            return [results.pop(i) for i in range(start, end)]
+        batch, self.ready = self.ready, []
+        self.next_release += len(batch)
+        return batch
 
     # -- output ---------------------------------------------------------------------------
 

@@ -6,9 +6,10 @@ The distributed engines (dask, ray) are optional extras, imported only when aske
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from multitrack.backends._base import Backend
+if TYPE_CHECKING:  # workers import this package and need none of it
+    from multitrack.backends._base import Backend
 
 NAMES = ("process", "thread", "serial")
 

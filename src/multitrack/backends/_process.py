@@ -39,6 +39,7 @@ progress bar, so prints neither garble the bar nor vanish in a notebook.
 
 from __future__ import annotations
 
+import itertools
 import mmap
 import os
 import signal
@@ -49,7 +50,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import wait
 from typing import IO, Any
 
 import cloudpickle
@@ -62,9 +63,11 @@ from multitrack.backends._base import (
     Completed,
     Event,
     Lost,
+    Outcome,
     Output,
     Running,
 )
+from multitrack.backends._channel import Channel
 from multitrack.backends._worker import SLOT_SIZE, read_slot
 
 # A worker must say "booted" within this many seconds of being started (interpreter start-up
@@ -104,7 +107,7 @@ class _Proc:
 
     key: int
     popen: subprocess.Popen[bytes]
-    conn: Connection
+    conn: Channel
     slot: mmap.mmap
     pidfd: int | None
     boot_deadline: float
@@ -349,16 +352,21 @@ class ProcessBackend(Backend):
             ) from cause
 
     def _on_done(
-        self, proc: _Proc, chunk_id: int, first: int, results: list[Any], busy: float
+        self,
+        proc: _Proc,
+        chunk_id: int,
+        first: int,
+        values: list[Any],
+        errors: dict[int, Any],
+        busy: float,
     ) -> None:
         sent = proc.sent.get(chunk_id)
         if sent is None:  # a chunk of an aborted call finishing late: not ours any more
             return
-        indices = sent.chunk.indices
-        outcomes = [
-            (indices[position], ok, value if ok else _wire.unpack_error(value))
-            for position, (ok, value) in enumerate(results, first)
-        ]
+        indices = sent.chunk.indices[first : first + len(values)]
+        outcomes: list[Outcome] = list(zip(indices, itertools.repeat(True), values, strict=False))
+        for offset, packed in errors.items():
+            outcomes[offset] = (indices[offset], False, _wire.unpack_error(packed))
         sent.remaining -= len(outcomes)
         proc.tasks_done += len(outcomes)
         if sent.remaining <= 0:
@@ -416,7 +424,7 @@ class ProcessBackend(Backend):
         proc = _Proc(
             key=self._next_key,
             popen=popen,
-            conn=Connection(parent_sock.detach()),
+            conn=Channel(parent_sock),
             slot=slot,
             pidfd=_pidfd(popen.pid),
             boot_deadline=time.monotonic() + BOOT_TIMEOUT,

@@ -19,8 +19,6 @@ import pickle
 import traceback
 from typing import Any
 
-from multitrack._errors import RemoteError, RemoteTraceback
-
 PROTOCOL = pickle.HIGHEST_PROTOCOL
 
 
@@ -83,6 +81,8 @@ def pack_error(exc: BaseException) -> tuple[str, str, str, bytes | None]:
 
 def unpack_error(packed: tuple[str, str, str, bytes | None]) -> BaseException:
     """Rebuild a task's exception in the parent, with the worker's traceback as its cause."""
+    from multitrack._errors import RemoteError, RemoteTraceback
+
     type_name, message, tb_text, blob = packed
     exc: BaseException | None = None
     if blob is not None:
@@ -96,7 +96,9 @@ def unpack_error(packed: tuple[str, str, str, bytes | None]) -> BaseException:
     return exc
 
 
-def pickling_failure(what: str, obj: Any, exc: BaseException) -> RemoteError:
+def pickling_failure(what: str, obj: Any, exc: BaseException) -> Exception:
     """The error for a value that could not cross the boundary."""
+    from multitrack._errors import RemoteError
+
     message = f"{what} of type {qualified_name(type(obj))} could not be pickled: {describe(exc)}"
     return RemoteError("PicklingError", message, "")

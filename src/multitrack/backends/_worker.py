@@ -25,7 +25,8 @@ Messages out::
     ("booted", pid)                 the interpreter is up (bounds the start-up time)
     ("ready",) | ("start_error", packed_error)
     ("fn_error", packed_error)      the function could not be rebuilt here
-    ("done", chunk_id, first_position, [(ok, value_or_packed_error), ...], busy_seconds)
+    ("done", chunk_id, first, values, errors, busy_seconds)   results of positions first...;
+                                   errors maps an offset in values to a packed exception
     ("chunk_error", chunk_id, first, packed_error)   the arguments could not be unpickled
 
 The worker runs in its own session (process group), so a terminal's Ctrl-C reaches only the
@@ -39,20 +40,27 @@ import mmap
 import os
 import queue
 import signal
+import socket
 import struct
 import sys
 import threading
 import time
 from collections.abc import Callable
-from multiprocessing.connection import Connection
 from typing import Any
 
 from multitrack.backends import _wire
+from multitrack.backends._channel import Channel
 
-# Slot layout: seq (odd while being written), chunk id (-1: idle), position, start time.
-SLOT_FORMAT = "qqqd"
+# Slot layout (8-byte words): seq (odd while the chunk fields are being written), chunk id
+# (-1: idle), chunk start time (float seconds), and the current task packed into one word:
+# (milliseconds since the chunk started << 24) | position. One aligned 8-byte store per task
+# is atomic, so the parent never sees a position paired with another task's start time, and
+# the per-task cost stays a clock read and one store (this runs for every task).
+SLOT_FORMAT = "qqdq"
 SLOT_SIZE = struct.calcsize(SLOT_FORMAT)
 IDLE = -1
+POSITION_BITS = 24  # chunks are far smaller than 16 million tasks
+POSITION_MASK = (1 << POSITION_BITS) - 1
 
 # Send partial results of a long chunk at least this often, so the bar moves and a crash
 # late in a chunk loses little finished work.
@@ -60,30 +68,38 @@ FLUSH_EVERY = 0.25
 
 
 class Slot:
-    """What this worker is running now, in memory the parent can read (a seqlock)."""
+    """What this worker is running now, in memory the parent can read."""
 
     def __init__(self, fd: int) -> None:
         self._map = mmap.mmap(fd, SLOT_SIZE)
+        self.ints = memoryview(self._map).cast("q")  # item assignment: cheap, one store
+        self._floats = memoryview(self._map).cast("d")
         self._seq = 0
 
-    def set(self, chunk_id: int, position: int, started_at: float) -> None:
-        self._seq += 1
-        struct.pack_into(SLOT_FORMAT, self._map, 0, self._seq, chunk_id, position, started_at)
-        self._seq += 1
-        struct.pack_into("q", self._map, 0, self._seq)
+    def start_chunk(self, chunk_id: int, first: int, started_at: float) -> None:
+        """A new chunk (or ``IDLE``): written under a sequence lock."""
+        ints, seq = self.ints, self._seq + 1
+        ints[0] = seq  # odd: being written
+        ints[1] = chunk_id
+        self._floats[2] = started_at
+        ints[3] = first
+        ints[0] = self._seq = seq + 1
 
 
 def read_slot(view: mmap.mmap) -> tuple[int, int, float] | None:
-    """Parent side: ``(chunk_id, position, started_at)``, or ``None`` when idle."""
+    """Parent side: ``(chunk_id, position, started_at)`` of the task running now, or ``None``
+    when the worker is idle (or has not written yet: a fresh slot is all zeros)."""
     for _ in range(100):
-        seq, chunk_id, position, started = struct.unpack_from(SLOT_FORMAT, view, 0)
+        seq, chunk_id, chunk_start, packed = struct.unpack_from(SLOT_FORMAT, view, 0)
         if seq % 2 == 0 and struct.unpack_from("q", view, 0)[0] == seq:
-            # seq 0: the worker has not written yet (the fresh slot is all zeros)
-            return None if chunk_id == IDLE or seq == 0 else (chunk_id, position, started)
+            if chunk_id == IDLE or seq == 0:
+                return None
+            started = chunk_start + (packed >> POSITION_BITS) / 1000.0
+            return (chunk_id, packed & POSITION_MASK, started)
     return None  # pragma: no cover - a writer that never finishes is a dead writer
 
 
-def _die_with_parent(conn: Connection, inbox: queue.SimpleQueue[Any]) -> None:
+def _die_with_parent(conn: Channel, inbox: queue.SimpleQueue[Any]) -> None:
     """Reader thread: move messages to the inbox; when the parent is gone, take this whole
     process group down (the task may have started processes of its own)."""
     try:
@@ -98,7 +114,7 @@ def _die_with_parent(conn: Connection, inbox: queue.SimpleQueue[Any]) -> None:
 
 
 class Worker:
-    def __init__(self, conn: Connection, slot: Slot) -> None:
+    def __init__(self, conn: Channel, slot: Slot) -> None:
         self.conn = conn
         self.slot = slot
         self.fn: Callable[..., Any] | None = None
@@ -150,46 +166,46 @@ class Worker:
             return
         fn = self.fn
         assert fn is not None, "a chunk arrived before its function"
-        clock = time.monotonic
-        outcomes: list[tuple[bool, Any]] = []
+        clock, ints = time.monotonic, self.slot.ints
+        values: list[Any] = []  # one per task; None where it failed
+        errors: dict[int, Any] = {}  # offset in values -> packed exception
         flushed_at = begun = clock()
+        self.slot.start_chunk(chunk_id, first, begun)
         for position, args in enumerate(calls, first):
             now = clock()
-            if now - flushed_at >= FLUSH_EVERY and outcomes:
-                self.send_done(chunk_id, first, outcomes, now - begun)
-                first, outcomes, flushed_at, begun = position, [], now, now
-            self.slot.set(chunk_id, position, now)
+            if now - flushed_at >= FLUSH_EVERY and values:  # a long chunk: report so far
+                self.send_done(chunk_id, first, values, errors, now - flushed_at)
+                first, values, errors, flushed_at = position, [], {}, now
+            ints[3] = (int((now - begun) * 1000.0) << POSITION_BITS) | position
             try:
-                outcomes.append((True, fn(*args)))
+                values.append(fn(*args))
             except BaseException as exc:  # SystemExit, KeyboardInterrupt too: a task failure
-                outcomes.append((False, _wire.pack_error(exc)))
-        self.send_done(chunk_id, first, outcomes, clock() - begun)
-        self.slot.set(IDLE, 0, 0.0)
+                errors[len(values)] = _wire.pack_error(exc)
+                values.append(None)
+        self.send_done(chunk_id, first, values, errors, clock() - flushed_at)
+        self.slot.start_chunk(IDLE, 0, 0.0)
 
     def send_done(
-        self, chunk_id: int, first: int, outcomes: list[tuple[bool, Any]], busy: float
+        self, chunk_id: int, first: int, values: list[Any], errors: dict[int, Any], busy: float
     ) -> None:
-        message = ("done", chunk_id, first, outcomes, busy)
         try:
-            data = _wire.dumps(message)
+            data = _wire.dumps(("done", chunk_id, first, values, errors, busy))
         except BaseException:
-            data = _wire.dumps(("done", chunk_id, first, _picklable(outcomes), busy))
+            _make_picklable(values, errors)
+            data = _wire.dumps(("done", chunk_id, first, values, errors, busy))
         self.conn.send_bytes(data)
 
 
-def _picklable(outcomes: list[tuple[bool, Any]]) -> list[tuple[bool, Any]]:
-    """Replace each result that cannot be pickled by a failure that says so."""
-    fixed: list[tuple[bool, Any]] = []
-    for ok, value in outcomes:
+def _make_picklable(values: list[Any], errors: dict[int, Any]) -> None:
+    """Replace each result (or exception) that cannot be pickled by a failure that says so."""
+    for offset, value in enumerate(values):
+        failed = offset in errors
         try:
-            _wire.dumps(value)
+            _wire.dumps(errors[offset] if failed else value)
         except BaseException as exc:
-            what = "the task's result" if ok else "the task's exception"
-            error = _wire.pickling_failure(what, value, exc)
-            fixed.append((False, _wire.pack_error(error)))
-        else:
-            fixed.append((ok, value))
-    return fixed
+            what = "the task's exception" if failed else "the task's result"
+            errors[offset] = _wire.pack_error(_wire.pickling_failure(what, value, exc))
+            values[offset] = None
 
 
 def main() -> None:
@@ -200,7 +216,7 @@ def main() -> None:
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)
     conn_fd, slot_fd = int(sys.argv[1]), int(sys.argv[2])
-    worker = Worker(Connection(conn_fd), Slot(slot_fd))
+    worker = Worker(Channel(socket.socket(fileno=conn_fd)), Slot(slot_fd))
     os.close(slot_fd)
     try:
         worker.serve()
