@@ -173,3 +173,23 @@ def hold_the_gil_on(x: Any, bad: int = 0) -> Any:
     if x == bad:
         re.match(r"(a+)+$", "a" * 40 + "!")
     return x
+
+
+def array_sum(array: Any) -> float:
+    return float(array.sum())
+
+
+def make_array(i: int) -> Any:
+    import numpy as np
+
+    return np.full(1_000_000, float(i))
+
+
+def nbytes(value: Any) -> int:
+    return len(value) if isinstance(value, bytes | bytearray) else int(value.nbytes)
+
+
+def sigkill_on_array(array: Any) -> float:
+    if float(array[0]) == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return float(array.sum())

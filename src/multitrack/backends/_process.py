@@ -42,6 +42,7 @@ from __future__ import annotations
 import itertools
 import mmap
 import os
+import pickle
 import signal
 import socket
 import subprocess
@@ -94,6 +95,10 @@ _THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NU
 HAS_PIDFD = hasattr(os, "pidfd_open")
 
 
+# A message to a worker and the large buffers that travel beside it in shared memory.
+_Message = tuple[tuple[Any, ...], list[pickle.PickleBuffer]]
+
+
 @dataclass(eq=False)
 class _Sent:
     chunk: Chunk
@@ -117,7 +122,7 @@ class _Proc:
     tasks_done: int = 0
     pending_out: dict[str, bytes] = field(default_factory=dict)
     last_stderr: bytes = b""
-    held_back: list[tuple[Any, ...]] = field(default_factory=list)  # sent once it is idle
+    held_back: list[_Message] = field(default_factory=list)  # sent once it is idle
 
     @property
     def pid(self) -> int:
@@ -222,25 +227,21 @@ class ProcessBackend(Backend):
         return self._max_tasks - proc.tasks_done - held
 
     def submit(self, chunk: Chunk) -> None:
-        payload, unpicklable = _dump_args(chunk)
+        messages, unpicklable = _chunk_messages(chunk)
         if unpicklable:
             self._events.append(Completed(chunk.id, unpicklable, 0.0))
-        if payload is None:
+        if not messages:
             return
         target = self._pick_worker(len(chunk.indices))
         sent = _Sent(chunk, len(chunk.indices) - len(unpicklable), split=bool(unpicklable))
-        if sent.split:  # send the picklable ones one by one, keeping their positions
-            messages = [("chunk", chunk.id, position, blob) for position, blob in payload[0]]
-        else:
-            messages = [("chunk", chunk.id, 0, payload[1])]
-        size = sum(len(message[3]) for message in messages)
+        size = sum(len(message[3]) for message, _ in messages)  # shared memory aside
         busy = bool(target.sent)
         target.sent[chunk.id] = sent
         if busy and size > PREFETCH_MAX_BYTES:
             target.held_back.extend(messages)
             return
-        for message in messages:
-            self._try_send(target, message)
+        for message, buffers in messages:
+            self._try_send(target, message, buffers)
 
     def _pick_worker(self, size: int) -> _Proc:
         # The least loaded worker; a waiting chunk is queued behind its running one.
@@ -323,7 +324,8 @@ class ProcessBackend(Backend):
     def _receive(self, proc: _Proc) -> None:
         try:
             while proc.conn.poll(0):
-                self._handle(proc, _wire.loads(proc.conn.recv_bytes()))
+                data, buffers = proc.conn.recv_bytes()
+                self._handle(proc, _wire.loads(data, buffers=buffers))
         except (EOFError, OSError):
             self._reap(proc, report=True)
 
@@ -371,8 +373,8 @@ class ProcessBackend(Backend):
         proc.tasks_done += len(outcomes)
         if sent.remaining <= 0:
             del proc.sent[chunk_id]
-            for message in proc.held_back:
-                self._try_send(proc, message)
+            for message, buffers in proc.held_back:
+                self._try_send(proc, message, buffers)
             proc.held_back.clear()
         self._events.append(Completed(chunk_id, outcomes, busy))
         if not proc.sent and self._quota_left(proc) <= 0:
@@ -394,7 +396,9 @@ class ProcessBackend(Backend):
             return
         sent.split = True
         for position, args in enumerate(chunk.args):
-            self._try_send(proc, ("chunk", chunk_id, position, _wire.dumps([args])))
+            buffers: list[pickle.PickleBuffer] = []
+            payload = _wire.dumps([args], buffers)
+            self._try_send(proc, ("chunk", chunk_id, position, payload), buffers)
 
     # -- worker processes -----------------------------------------------------------------
 
@@ -445,9 +449,14 @@ class ProcessBackend(Backend):
         proc.state = "stopping"
         self._try_send(proc, ("stop",))
 
-    def _try_send(self, proc: _Proc, message: tuple[Any, ...]) -> None:
+    def _try_send(
+        self,
+        proc: _Proc,
+        message: tuple[Any, ...],
+        buffers: list[pickle.PickleBuffer] | None = None,
+    ) -> None:
         try:
-            proc.conn.send_bytes(_wire.dumps(message))
+            proc.conn.send_bytes(_wire.dumps(message), buffers or ())
         except OSError:
             # It is dying; its pidfd or EOF reports the death with everything it held.
             pass
@@ -467,7 +476,8 @@ class ProcessBackend(Backend):
         if report:
             try:
                 while proc.conn.poll(0):
-                    self._handle(proc, _wire.loads(proc.conn.recv_bytes()))
+                    data, buffers = proc.conn.recv_bytes()
+                    self._handle(proc, _wire.loads(data, buffers=buffers))
             except (EOFError, OSError):
                 pass
         was_booting = proc.state in ("booting", "initializing")
@@ -551,27 +561,27 @@ def _dump_function(fn: Callable[..., Any], argument: str) -> bytes:
         ) from exc
 
 
-def _dump_args(
-    chunk: Chunk,
-) -> tuple[tuple[list[tuple[int, bytes]], bytes] | None, list[tuple[int, bool, Any]]]:
-    """Pickle a chunk's arguments. Returns ``((per-position payloads, whole payload) | None,
-    failures)``: when the whole chunk pickles, one payload; otherwise the items are pickled one
-    by one and those that fail become failures of their own task."""
+def _chunk_messages(chunk: Chunk) -> tuple[list[_Message], list[Outcome]]:
+    """The messages that carry a chunk's arguments, and the tasks whose arguments cannot be
+    pickled (as failures). When the whole chunk pickles, one message; otherwise one message
+    per task, so only the tasks that really cannot be sent fail."""
+    buffers: list[pickle.PickleBuffer] = []
     try:
-        return ([], _wire.dumps(chunk.args)), []
+        return [(("chunk", chunk.id, 0, _wire.dumps(chunk.args, buffers)), buffers)], []
     except Exception:
         pass
-    singles: list[tuple[int, bytes]] = []
-    failures: list[tuple[int, bool, Any]] = []
+    messages: list[_Message] = []
+    failures: list[Outcome] = []
     for position, args in enumerate(chunk.args):
+        buffers = []
         try:
-            singles.append((position, _wire.dumps([args])))
+            payload = _wire.dumps([args], buffers)
         except Exception as exc:
             error = _wire.pickling_failure("an argument", args, exc)
             failures.append((chunk.indices[position], False, error))
-    if not singles:
-        return None, failures
-    return (singles, singles[0][1]), failures
+        else:
+            messages.append((("chunk", chunk.id, position, payload), buffers))
+    return messages, failures
 
 
 def _pidfd(pid: int) -> int | None:

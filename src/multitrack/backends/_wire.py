@@ -17,29 +17,55 @@ from __future__ import annotations
 
 import pickle
 import traceback
+from collections.abc import Callable
 from typing import Any
 
-PROTOCOL = pickle.HIGHEST_PROTOCOL
+from multitrack.backends._channel import in_band
+
+PROTOCOL = pickle.HIGHEST_PROTOCOL  # 5: out-of-band buffers
 
 
-def dumps(obj: Any) -> bytes:
-    """Pickle ``obj``; fall back to cloudpickle for what plain pickle cannot carry."""
+def dumps(obj: Any, out_of_band: list[pickle.PickleBuffer] | None = None) -> bytes:
+    """Pickle ``obj``; fall back to cloudpickle for what plain pickle cannot carry.
+
+    With ``out_of_band``, large buffers (numpy arrays...) are not copied into the pickle but
+    appended to that list, to travel in shared memory (``_channel``)."""
+    keep = _collector(out_of_band)
     try:
-        data = pickle.dumps(obj, PROTOCOL)
+        data = pickle.dumps(obj, PROTOCOL, buffer_callback=keep)
     except Exception:
-        return by_value(obj)
+        return by_value(obj, out_of_band)
     if b"__main__" in data:
         # A reference into the caller's script, which a worker cannot import: send by value.
-        return by_value(obj)
+        return by_value(obj, out_of_band)
     return data
 
 
-def by_value(obj: Any) -> bytes:
+def by_value(obj: Any, out_of_band: list[pickle.PickleBuffer] | None = None) -> bytes:
     """cloudpickle: functions and classes of ``__main__``, lambdas and closures by value.
     Imported on first need; a worker that never sees such a value never pays for it."""
     import cloudpickle
 
-    return cloudpickle.dumps(obj, PROTOCOL)  # type: ignore[no-any-return]
+    if out_of_band is not None:
+        out_of_band.clear()  # a failed first attempt may have collected some
+    return cloudpickle.dumps(  # type: ignore[no-any-return]
+        obj, PROTOCOL, buffer_callback=_collector(out_of_band)
+    )
+
+
+def _collector(
+    out_of_band: list[pickle.PickleBuffer] | None,
+) -> Callable[[pickle.PickleBuffer], bool] | None:
+    if out_of_band is None:
+        return None
+
+    def keep(buffer: pickle.PickleBuffer) -> bool:
+        if in_band(buffer):
+            return True
+        out_of_band.append(buffer)
+        return False
+
+    return keep
 
 
 loads = pickle.loads

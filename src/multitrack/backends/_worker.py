@@ -104,7 +104,8 @@ def _die_with_parent(conn: Channel, inbox: queue.SimpleQueue[Any]) -> None:
     process group down (the task may have started processes of its own)."""
     try:
         while True:
-            inbox.put(_wire.loads(conn.recv_bytes()))
+            data, buffers = conn.recv_bytes()
+            inbox.put((_wire.loads(data), buffers))
     except (EOFError, OSError):
         pass
     try:
@@ -127,10 +128,10 @@ class Worker:
         threading.Thread(target=_die_with_parent, args=(self.conn, self.inbox), daemon=True).start()
         self.send(("booted", os.getpid()))
         while True:
-            message = self.inbox.get()
+            message, buffers = self.inbox.get()
             kind = message[0]
             if kind == "chunk":
-                self.run_chunk(message[1], message[2], message[3])
+                self.run_chunk(message[1], message[2], message[3], buffers)
             elif kind == "fn":
                 self.load_function(message[1])
             elif kind == "init":
@@ -158,9 +159,9 @@ class Worker:
             self.fn = None
             self.send(("fn_error", _wire.pack_error(exc)))
 
-    def run_chunk(self, chunk_id: int, first: int, payload: bytes) -> None:
+    def run_chunk(self, chunk_id: int, first: int, payload: bytes, buffers: list[Any]) -> None:
         try:
-            calls = _wire.loads(payload)
+            calls = _wire.loads(payload, buffers=buffers)
         except BaseException as exc:
             self.send(("chunk_error", chunk_id, first, _wire.pack_error(exc)))
             return
@@ -188,12 +189,13 @@ class Worker:
     def send_done(
         self, chunk_id: int, first: int, values: list[Any], errors: dict[int, Any], busy: float
     ) -> None:
+        buffers: list[Any] = []  # large arrays among the results travel in shared memory
         try:
-            data = _wire.dumps(("done", chunk_id, first, values, errors, busy))
+            data = _wire.dumps(("done", chunk_id, first, values, errors, busy), buffers)
         except BaseException:
             _make_picklable(values, errors)
-            data = _wire.dumps(("done", chunk_id, first, values, errors, busy))
-        self.conn.send_bytes(data)
+            data = _wire.dumps(("done", chunk_id, first, values, errors, busy), buffers)
+        self.conn.send_bytes(data, buffers)
 
 
 def _make_picklable(values: list[Any], errors: dict[int, Any]) -> None:
