@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import os
 
-import faults
 import numpy as np
 import pytest
 
+import faults
 import multitrack as mt
 from multitrack.backends import _channel
 
