@@ -193,3 +193,12 @@ def sigkill_on_array(array: Any) -> float:
     if float(array[0]) == 3:
         os.kill(os.getpid(), signal.SIGKILL)
     return float(array.sum())
+
+
+def sleep_and_log(task: tuple[int, float], log_dir: str) -> int:
+    """Sleeps, and leaves one file per run: a test counts how often each task ran."""
+    index, seconds = task
+    time.sleep(seconds)
+    with open(os.path.join(log_dir, f"{index}-{os.getpid()}-{time.monotonic_ns()}"), "w"):
+        pass
+    return index

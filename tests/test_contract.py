@@ -254,3 +254,21 @@ def test_functions_and_classes_of_a_script_work_without_a_main_guard(tmp_path: A
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[0, 3, 6, 9, 12]"
+
+
+@pytest.mark.timeout(60)
+def test_slow_tail_is_shared_and_every_task_runs_exactly_once(tmp_path: Any) -> None:
+    # Many quick tasks make chunks big; slow ones at the end then land in one chunk. An idle
+    # worker asks for the unstarted part back, so the tail is shared: every task must still
+    # run exactly once, and results stay in order.
+    import functools
+
+    tasks = [(i, 0.001) for i in range(300)] + [(300 + i, 0.15) for i in range(6)]
+    job = functools.partial(faults.sleep_and_log, log_dir=str(tmp_path))
+    assert mt.map(job, tasks, workers=2) == list(range(306))
+    runs = [name.split("-")[0] for name in os.listdir(tmp_path)]
+    assert sorted(map(int, runs)) == list(range(306))
+    slow_pids = {
+        name.split("-")[1] for name in os.listdir(tmp_path) if int(name.split("-")[0]) >= 300
+    }
+    assert len(slow_pids) == 2, "both workers should have run some of the slow tail"

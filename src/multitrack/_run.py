@@ -36,7 +36,7 @@ from typing import Any, Literal
 from multitrack._chunks import ChunkSizer
 from multitrack._errors import TaskError, TaskTimeout, WorkerCrashed, task_label
 from multitrack._progress import NullProgress, Progress
-from multitrack.backends._base import Backend, Chunk, Completed, Lost
+from multitrack.backends._base import Backend, Chunk, Completed, Lost, Returned
 
 # A task requeued this many times because the worker holding it died *between* tasks is
 # treated as the cause (a death while unpickling its arguments looks exactly like that).
@@ -130,11 +130,15 @@ class Run:
                     yield released
                 if self._finished():
                     break
+                if self.exhausted and not self.requeued and self.backend.capacity() > 0:
+                    self.backend.give_back()  # the tail: let idle workers share it
                 for event in self.backend.poll(self._wait_time()):
                     if isinstance(event, Completed):
                         self._on_completed(event)
-                    else:
+                    elif isinstance(event, Lost):
                         self._on_lost(event)
+                    else:
+                        self._on_returned(event)
                 self._enforce_deadlines()
                 if self._due(self.progress.wakeup_in()):
                     self.progress.tick()
@@ -187,7 +191,10 @@ class Run:
             self.backend.submit(chunk)
 
     def _next_chunk(self) -> Chunk | None:
-        remaining = None if self.total is None else max(0, self.total - self.completed)
+        # Work still to hand out: what the input has left, and what came back to the queue.
+        remaining = None
+        if self.total is not None:
+            remaining = max(0, self.total - self.pulled) + len(self.requeued)
         size = self.sizer.next_size(remaining)
         room = self.backend.room()
         if room is not None:
@@ -275,6 +282,16 @@ class Run:
             self.progress.advance(done)
         for index, cause in failures:
             self._fail(index, cause)
+
+    def _on_returned(self, event: Returned) -> None:
+        pending = self.pending.get(event.chunk_id, set())
+        for index in event.indices:
+            if index in pending:
+                pending.discard(index)
+                heapq.heappush(self.requeued, (0.0, index))
+        if not pending:
+            self.pending.pop(event.chunk_id, None)
+            self.chunks.pop(event.chunk_id, None)
 
     def _on_lost(self, event: Lost) -> None:
         for chunk_id in event.chunk_ids:

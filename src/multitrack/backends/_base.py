@@ -63,7 +63,16 @@ class Lost:
     killed: bool = False
 
 
-Event = Completed | Lost
+@dataclass(slots=True)
+class Returned:
+    """A worker handed back the tasks of a chunk it had not started (after ``give_back``);
+    they are to be run again elsewhere, with no attempt used."""
+
+    chunk_id: int
+    indices: list[int]
+
+
+Event = Completed | Lost | Returned
 
 
 @dataclass(slots=True)
@@ -116,6 +125,11 @@ class Backend(ABC):
     def running(self) -> list[Running]:
         """The items being run right now, with their start times (``time.monotonic``)."""
         return []
+
+    def give_back(self) -> None:  # noqa: B027 - optional capability
+        """Some worker is idle and no work is left to hand out: ask the busiest worker to
+        return the unstarted tasks of its chunk (``Returned`` event), so they can be shared.
+        Backends that cannot do this ignore it."""
 
     def kill(self, worker: int) -> None:  # noqa: B027 - optional capability
         """Stop ``worker`` now; its chunks come back in a ``Lost(killed=True)`` event."""

@@ -66,6 +66,7 @@ from multitrack.backends._base import (
     Lost,
     Outcome,
     Output,
+    Returned,
     Running,
 )
 from multitrack.backends._channel import Channel
@@ -123,6 +124,7 @@ class _Proc:
     pending_out: dict[str, bytes] = field(default_factory=dict)
     last_stderr: bytes = b""
     held_back: list[_Message] = field(default_factory=list)  # sent once it is idle
+    asked_back: set[int] = field(default_factory=set)  # chunks we asked it to give back
 
     @property
     def pid(self) -> int:
@@ -339,6 +341,8 @@ class ProcessBackend(Backend):
             proc.state = "ready"
             if self._fn is not None:  # it may have booted with an earlier call's function
                 self._send_function(proc)
+        elif kind == "unstarted":
+            self._on_unstarted(proc, message[1], message[2])
         elif kind == "chunk_error":
             self._on_chunk_error(proc, message[1], message[2], message[3])
         elif kind == "start_error":
@@ -369,16 +373,55 @@ class ProcessBackend(Backend):
         outcomes: list[Outcome] = list(zip(indices, itertools.repeat(True), values, strict=False))
         for offset, packed in errors.items():
             outcomes[offset] = (indices[offset], False, _wire.unpack_error(packed))
-        sent.remaining -= len(outcomes)
         proc.tasks_done += len(outcomes)
-        if sent.remaining <= 0:
-            del proc.sent[chunk_id]
-            for message, buffers in proc.held_back:
-                self._try_send(proc, message, buffers)
-            proc.held_back.clear()
         self._events.append(Completed(chunk_id, outcomes, busy))
+        self._chunk_reported(proc, chunk_id, sent, len(outcomes))
         if not proc.sent and self._quota_left(proc) <= 0:
             self._retire(proc)
+
+    def _chunk_reported(self, proc: _Proc, chunk_id: int, sent: _Sent, count: int) -> None:
+        """``count`` more tasks of a chunk are accounted for (done, or handed back)."""
+        sent.remaining -= count
+        if sent.remaining <= 0:
+            del proc.sent[chunk_id]
+            for message, buffers in proc.held_back:  # the worker is idle: send what waited
+                self._try_send(proc, message, buffers)
+            proc.held_back.clear()
+
+    def give_back(self) -> None:
+        # The worker with the most tasks not yet started hands them back: the tail of its
+        # running chunk and its waiting chunk, if any.
+        best: tuple[int, _Proc] | None = None
+        for proc in self._procs.values():
+            unstarted = self._unstarted(proc)
+            if unstarted > 0 and (best is None or unstarted > best[0]):
+                best = (unstarted, proc)
+        if best is None:
+            return
+        proc = best[1]
+        for chunk_id, sent in proc.sent.items():
+            if not sent.split and chunk_id not in proc.asked_back:
+                proc.asked_back.add(chunk_id)
+                self._try_send(proc, ("give_back", chunk_id))
+
+    def _unstarted(self, proc: _Proc) -> int:
+        """Tasks held by ``proc`` that it has not started (and we have not asked back)."""
+        current = read_slot(proc.slot)
+        count = 0
+        for chunk_id, sent in proc.sent.items():
+            if sent.split or chunk_id in proc.asked_back:
+                continue
+            started = current[1] + 1 if current is not None and current[0] == chunk_id else 0
+            count += len(sent.chunk.indices) - started
+        return count
+
+    def _on_unstarted(self, proc: _Proc, chunk_id: int, position: int) -> None:
+        sent = proc.sent.get(chunk_id)
+        returned = sent.chunk.indices[position:] if sent is not None else []
+        if sent is None or not returned:
+            return
+        self._events.append(Returned(chunk_id, returned))
+        self._chunk_reported(proc, chunk_id, sent, len(returned))
 
     def _on_chunk_error(self, proc: _Proc, chunk_id: int, first: int, packed: Any) -> None:
         """The worker could not unpickle a chunk's arguments. Resend its items one by one, so

@@ -18,6 +18,7 @@ Messages in::
     ("fn", payload)                the call's function, shipped once per worker per call
     ("chunk", chunk_id, first, payload)   payload: pickle of a list of argument tuples, for
                                    positions first, first + 1, ... of the chunk
+    ("give_back", chunk_id)        hand back the unstarted tasks of that chunk (load balancing)
     ("stop",)
 
 Messages out::
@@ -28,6 +29,7 @@ Messages out::
     ("done", chunk_id, first, values, errors, busy_seconds)   results of positions first...;
                                    errors maps an offset in values to a packed exception
     ("chunk_error", chunk_id, first, packed_error)   the arguments could not be unpickled
+    ("unstarted", chunk_id, position)   tasks from position on were handed back, not run
 
 The worker runs in its own session (process group), so a terminal's Ctrl-C reaches only the
 parent, which then kills whole worker groups; it ignores SIGINT for the same reason.
@@ -99,13 +101,22 @@ def read_slot(view: mmap.mmap) -> tuple[int, int, float] | None:
     return None  # pragma: no cover - a writer that never finishes is a dead writer
 
 
-def _die_with_parent(conn: Channel, inbox: queue.SimpleQueue[Any]) -> None:
-    """Reader thread: move messages to the inbox; when the parent is gone, take this whole
-    process group down (the task may have started processes of its own)."""
+def _read(worker: Worker) -> None:
+    """Reader thread: move messages to the inbox, answer "give back" requests at once (even
+    while a long task runs); when the parent is gone, take this whole process group down (the
+    task may have started processes of its own)."""
+    conn, inbox = worker.conn, worker.inbox
     try:
         while True:
             data, buffers = conn.recv_bytes()
-            inbox.put((_wire.loads(data), buffers))
+            message = _wire.loads(data)
+            if message[0] == "give_back":
+                worker.hand_back(message[1])
+                continue
+            if message[0] == "chunk":
+                with worker.claim:
+                    worker.queued.add(message[1])
+            inbox.put((message, buffers))
     except (EOFError, OSError):
         pass
     try:
@@ -120,12 +131,38 @@ class Worker:
         self.slot = slot
         self.fn: Callable[..., Any] | None = None
         self.inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.sending = threading.Lock()  # the reader thread answers give_back requests too
+        # Which task of which chunk runs, and where the parent asked this chunk to stop. The
+        # main thread claims each task, and the reader thread sets a stop, under ``claim``:
+        # a task is either run here or handed back, never both, never neither.
+        self.claim = threading.Lock()
+        self.running = IDLE
+        self.claimed = -1
+        self.stop_at = sys.maxsize
+        self.queued: set[int] = set()  # chunks waiting in the inbox
+        self.skipped: set[int] = set()  # waiting chunks handed back whole
 
-    def send(self, message: tuple[Any, ...]) -> None:
-        self.conn.send_bytes(_wire.dumps(message))
+    def send(self, message: tuple[Any, ...], buffers: list[Any] | None = None) -> None:
+        data = _wire.dumps(message)
+        with self.sending:
+            self.conn.send_bytes(data, buffers or ())
+
+    def hand_back(self, chunk_id: int) -> None:
+        """Reader thread: stop the running chunk after the task it is on, and tell the parent
+        which tasks it will not run."""
+        with self.claim:
+            if self.running == chunk_id:
+                self.stop_at = first_unstarted = self.claimed + 1
+            elif chunk_id in self.queued:  # not started: all of it
+                self.queued.discard(chunk_id)
+                self.skipped.add(chunk_id)
+                first_unstarted = 0
+            else:
+                return  # it ended already: nothing to hand back
+        self.send(("unstarted", chunk_id, first_unstarted))
 
     def serve(self) -> None:
-        threading.Thread(target=_die_with_parent, args=(self.conn, self.inbox), daemon=True).start()
+        threading.Thread(target=_read, args=(self,), daemon=True).start()
         self.send(("booted", os.getpid()))
         while True:
             message, buffers = self.inbox.get()
@@ -160,9 +197,17 @@ class Worker:
             self.send(("fn_error", _wire.pack_error(exc)))
 
     def run_chunk(self, chunk_id: int, first: int, payload: bytes, buffers: list[Any]) -> None:
+        with self.claim:
+            if chunk_id in self.skipped:
+                self.skipped.discard(chunk_id)
+                return
+            self.queued.discard(chunk_id)
+            self.running, self.claimed, self.stop_at = chunk_id, first - 1, sys.maxsize
         try:
             calls = _wire.loads(payload, buffers=buffers)
         except BaseException as exc:
+            with self.claim:
+                self.running = IDLE
             self.send(("chunk_error", chunk_id, first, _wire.pack_error(exc)))
             return
         fn = self.fn
@@ -172,18 +217,26 @@ class Worker:
         errors: dict[int, Any] = {}  # offset in values -> packed exception
         flushed_at = begun = clock()
         self.slot.start_chunk(chunk_id, first, begun)
+        claim = self.claim
         for position, args in enumerate(calls, first):
             now = clock()
             if now - flushed_at >= FLUSH_EVERY and values:  # a long chunk: report so far
                 self.send_done(chunk_id, first, values, errors, now - flushed_at)
                 first, values, errors, flushed_at = position, [], {}, now
-            ints[3] = (int((now - begun) * 1000.0) << POSITION_BITS) | position
+            with claim:
+                if position >= self.stop_at:
+                    break  # the rest was handed back
+                self.claimed = position
+                ints[3] = (int((now - begun) * 1000.0) << POSITION_BITS) | position
             try:
                 values.append(fn(*args))
             except BaseException as exc:  # SystemExit, KeyboardInterrupt too: a task failure
                 errors[len(values)] = _wire.pack_error(exc)
                 values.append(None)
-        self.send_done(chunk_id, first, values, errors, clock() - flushed_at)
+        with claim:
+            self.running = IDLE
+        if values:
+            self.send_done(chunk_id, first, values, errors, clock() - flushed_at)
         self.slot.start_chunk(IDLE, 0, 0.0)
 
     def send_done(
@@ -195,7 +248,8 @@ class Worker:
         except BaseException:
             _make_picklable(values, errors)
             data = _wire.dumps(("done", chunk_id, first, values, errors, busy), buffers)
-        self.conn.send_bytes(data, buffers)
+        with self.sending:
+            self.conn.send_bytes(data, buffers)
 
 
 def _make_picklable(values: list[Any], errors: dict[int, Any]) -> None:
