@@ -157,7 +157,7 @@ def test_ctrl_c_stops_the_demo_and_removes_everything(phase: str, tmp_path: Path
     """SIGINT while making images, in the for-loop, or while workers start: exit 130 at once,
     no traceback, no temporary file and no worker left."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "multitrack", "demo", "--images", "60", "--workers", "2"],
+        [sys.executable, "-m", "multitrack", "demo", "--images", "40", "--size", "640x480"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -224,6 +224,33 @@ def test_report_arithmetic() -> None:
     assert report.speedup == 1.5
     assert report.ideal == 2
     assert report.efficiency == 0.75
+
+
+@pytest.mark.parametrize(("busy", "noted"), [(None, False), (0.0, False), (64.0, True)])
+def test_report_notes_a_busy_machine(busy: float | None, noted: bool) -> None:
+    report = _demo.DemoReport(4, 2, 2, serial_s=2.0, parallel_s=1.6, busy_elsewhere=busy)
+
+    lines = _demo._summary(report)
+
+    assert lines[0] == "  speedup: 1.25x  (ideal on this machine: 2.00x, efficiency 62%)"
+    assert any(line.startswith("  note: other work kept about 64.0") for line in lines) is noted
+
+
+def test_report_explains_a_job_too_small_to_gain() -> None:
+    report = _demo.DemoReport(4, 2, 2, serial_s=0.02, parallel_s=0.5)
+
+    assert "  note: the whole job took 0.02 s in a loop" in "\n".join(_demo._summary(report))
+
+
+def test_cpu_clock_gives_a_plausible_figure_on_linux() -> None:
+    before = _demo._CpuClock.now()
+    deadline = time.process_time() + 0.3
+    while time.process_time() < deadline:  # our own work: not "elsewhere"
+        pass
+    busy = _demo._CpuClock.busy_elsewhere(before, _demo._CpuClock.now())
+
+    assert busy is not None and 0.0 <= busy <= (os.cpu_count() or 1) + 0.5
+    assert _demo._CpuClock.busy_elsewhere(None, None) is None
 
 
 def _wait_for(condition: Callable[[], bool], proc: subprocess.Popen[str] | None = None) -> None:

@@ -12,15 +12,16 @@ What one demo run does::
 Everything lives in one ``tempfile.TemporaryDirectory``: it is removed on success, on an error
 and on Ctrl-C alike.
 
-Fairness: OpenCV runs its own thread pool inside ``cv2.resize`` (and other calls), so a
-"serial" loop left at OpenCV's default is secretly parallel, and N workers that each use every
-core oversubscribe the machine. Both runs therefore use one OpenCV thread per process
-(``single_thread_opencv``, the workers' initializer): the loop is a real one-core baseline and
-the speedup measures what multitrack adds. Measured on a 2-core machine (400 images of
-1024x768): the for-loop took 8.0 s with OpenCV's default threads and 8.4 s with one thread,
-so this job barely profits from OpenCV's threads (decoding a PNG is single-threaded anyway), and
-multitrack took 4.4 s either way; pinning the thread count is what keeps the comparison honest
-on machines with many cores, where OpenCV's threads would help the loop a lot more.
+Fairness: OpenCV runs its own thread pool inside some calls (``cv2.resize`` among them), so a
+"serial" loop left at OpenCV's defaults can be secretly parallel, and N workers that each start
+a pool of N threads oversubscribe the machine. Both runs therefore use one OpenCV thread per
+process (``single_thread_opencv``; the workers run it as their initializer), so the loop is a
+true one-core baseline and the speedup is what multitrack adds. Measured on the 2-core dev
+machine (1024x768 images): per image, ``cv2.imread`` takes 13.4 ms (PNG decoding is
+single-threaded in OpenCV anyway), ``cv2.resize`` 3.1 ms with one thread and no less with two,
+and the JPEG write 0.2 ms; the loop over 300 images took the same 5-6 s with OpenCV's default
+threads as with one. So on 2 cores the pinning changes nothing for this job; on a machine with
+many cores OpenCV's threads would speed up the loop's resizes and flatter the baseline.
 
 numpy and OpenCV (the ``demo`` extra) are imported inside the functions, so importing this
 module, and the CLI, works without them; ``require_extra`` says clearly when they are missing.
@@ -74,6 +75,10 @@ _OUTPUT = f"{OUTPUT_SIZE[0]}x{OUTPUT_SIZE[1]}"
 BAND_ROWS = 32
 VARIANTS = 4
 NOISE = 48  # noise amplitude per channel: enough entropy that decoding is real inflate work
+# Other work using more than this many of our CPUs during the runs earns a note in the report.
+BUSY_NOTE_CPUS = 0.3
+# A for-loop shorter than this (seconds) may lose to starting the workers: the report says so.
+SHORT_RUN_S = 1.0
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _ZLIB_HEADER = b"\x78\x01"  # deflate, 32 KiB window, fastest level
 _FINAL_EMPTY_BLOCK = b"\x03\x00"  # ends the deflate stream after the bands' flushed blocks
@@ -102,6 +107,9 @@ class DemoReport:
     cpus: int
     serial_s: float
     parallel_s: float
+    #: CPUs that other work (other programs, the hypervisor) kept busy on average during the
+    #: two runs; ``None`` where it cannot be measured (no /proc/stat)
+    busy_elsewhere: float | None = None
 
     @property
     def speedup(self) -> float:
@@ -180,7 +188,7 @@ def make_images(folder: Path, count: int, size: tuple[int, int], seed: int = 0) 
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     pool = [_bands(_synthetic_pixels(size, rng)) for _ in range(VARIANTS)]
-    picks = rng.integers(0, VARIANTS, size=(count, len(pool[0])))
+    picks = _variant_picks(count, len(pool[0]), rng)
     header = _png_header(*size)
     paths = [str(folder / f"{index:05d}.png") for index in range(count)]
     images = ([pool[variant][band] for band, variant in enumerate(row)] for row in picks)
@@ -191,6 +199,23 @@ def make_images(folder: Path, count: int, size: tuple[int, int], seed: int = 0) 
     finally:  # on Ctrl-C, drop the queued images instead of writing them all first
         executor.shutdown(wait=True, cancel_futures=True)
     return paths
+
+
+def _variant_picks(count: int, bands: int, rng: np.random.Generator) -> npt.NDArray[np.int64]:
+    """Which variant each band of each image uses: random-looking, but no two images alike
+    (as long as ``VARIANTS ** bands`` allows: tiny images have few bands)."""
+    import numpy as np
+
+    picks = rng.integers(0, VARIANTS, size=(count, bands))
+    codes = np.arange(count)
+    # Write each image's index in base VARIANTS into a few randomly chosen bands (shifted by
+    # a random offset per band): two images then differ in at least one of those bands.
+    for band in rng.permutation(bands):
+        if not codes.any():
+            break
+        picks[:, band] = (codes + rng.integers(0, VARIANTS)) % VARIANTS
+        codes //= VARIANTS
+    return picks
 
 
 def _synthetic_pixels(size: tuple[int, int], rng: np.random.Generator) -> npt.NDArray[np.uint8]:
@@ -266,27 +291,28 @@ def run_demo(
     """
     out = out or sys.stdout
     cpus = usable_cpus()
-    report_workers = workers or cpus  # what mt.map picks when not told
+    workers_used = workers or cpus  # what mt.map picks when not told
     width, height = size
-    _say(
-        out, f"multitrack demo: resize {images} synthetic {width}x{height} PNGs to {_OUTPUT} JPEGs"
-    )
+    title = f"resize {images} synthetic {width}x{height} PNGs to {_OUTPUT} JPEGs"
+    _say(out, f"multitrack demo: {title}")
     with tempfile.TemporaryDirectory(prefix="multitrack-demo-") as tmp:
         root = Path(tmp)
         started = time.perf_counter()
         paths = make_images(root / "in", images, size)
         made_s = time.perf_counter() - started
         _say(out, f"  (made the PNGs in {made_s:.1f} s, untimed; OpenCV: 1 thread per process)")
-        labels = _labels(report_workers)
-        _say(out, f"  {labels[0]}: ", end="")
+        loop_label, map_label = _labels(workers_used)
+        clock_before = _CpuClock.now()
+        _say(out, f"  {loop_label}: ", end="")
         serial_s, serial_names = _time_loop(paths, root / "loop")
         _say(out, f"{serial_s:.2f} s")
         parallel_s, parallel_names = _time_map(paths, root / "multitrack", workers)
-        _say(out, f"  {labels[1]}: {parallel_s:.2f} s")
+        _say(out, f"  {map_label}: {parallel_s:.2f} s")
+        busy_elsewhere = _CpuClock.busy_elsewhere(clock_before, _CpuClock.now())
         _check_same(serial_names, parallel_names, root / "loop", root / "multitrack")
-    report = DemoReport(images, report_workers, cpus, serial_s, parallel_s)
-    _say(out, _summary(report))
-    _say(out, f"  outputs: {images} JPEGs, the same from both runs")
+    report = DemoReport(images, workers_used, cpus, serial_s, parallel_s, busy_elsewhere)
+    for line in _summary(report):
+        _say(out, line)
     return report
 
 
@@ -298,17 +324,65 @@ def _labels(workers: int) -> tuple[str, str]:
     return labels[0].ljust(width), labels[1].ljust(width)
 
 
-def _summary(report: DemoReport) -> str:
+def _summary(report: DemoReport) -> list[str]:
+    """The closing lines: speedup against the ideal, and a note when the machine was busy."""
     plural = "" if report.workers == 1 else "s"
     where = (
         "on this machine"
         if report.ideal == report.cpus
         else f"with {report.workers} worker{plural}"
     )
-    return (
+    lines = [
         f"  speedup: {report.speedup:.2f}x  (ideal {where}: {report.ideal:.2f}x, "
-        f"efficiency {report.efficiency:.0%})"
-    )
+        f"efficiency {report.efficiency:.0%})",
+        f"  outputs: {report.images} JPEGs, the same from both runs",
+    ]
+    if report.speedup < 1 and report.serial_s < SHORT_RUN_S:
+        lines.append(
+            f"  note: the whole job took {report.serial_s:.2f} s in a loop, less than starting "
+            "the workers; try more --images"
+        )
+    machine_cpus = os.cpu_count() or report.cpus
+    busy = report.busy_elsewhere
+    if busy is not None and machine_cpus - busy < report.ideal - BUSY_NOTE_CPUS:
+        lines.append(
+            f"  note: other work kept about {busy:.1f} of this machine's {machine_cpus} CPUs busy"
+        )
+        lines.append("        during the runs, so expect a higher speedup on an idle machine")
+    return lines
+
+
+class _CpuClock(NamedTuple):
+    """CPU seconds spent so far by the whole machine (all CPUs) and by this process (with its
+    finished children: the workers of a returned ``mt.map``), and the wall clock."""
+
+    machine_busy: float
+    own: float
+    wall: float
+
+    @classmethod
+    def now(cls) -> _CpuClock | None:
+        """Read the clocks; ``None`` where the machine's CPU times are unknown (no /proc)."""
+        try:
+            with open("/proc/stat") as stat:
+                ticks = [int(field) for field in stat.readline().split()[1:9]]
+            ticks_per_second = os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, AttributeError):
+            return None
+        # user nice system idle iowait irq softirq steal: busy is all but idle and iowait
+        busy = sum(ticks) - ticks[3] - ticks[4]
+        times = os.times()
+        own = times.user + times.system + times.children_user + times.children_system
+        return cls(busy / ticks_per_second, own, time.perf_counter())
+
+    @staticmethod
+    def busy_elsewhere(before: _CpuClock | None, after: _CpuClock | None) -> float | None:
+        """How many CPUs, on average, something other than this demo kept busy in between."""
+        if before is None or after is None or after.wall <= before.wall:
+            return None
+        wall = after.wall - before.wall
+        machine = (after.machine_busy - before.machine_busy) / wall
+        return max(0.0, machine - (after.own - before.own) / wall)
 
 
 def _time_loop(paths: Sequence[str], out_dir: Path) -> tuple[float, list[str]]:
