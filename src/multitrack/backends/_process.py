@@ -75,7 +75,6 @@ import cloudpickle
 from multitrack._errors import WorkerStartError
 from multitrack.backends import _wire
 from multitrack.backends._base import (
-    Backend,
     Chunk,
     Completed,
     Event,
@@ -86,6 +85,7 @@ from multitrack.backends._base import (
     Running,
 )
 from multitrack.backends._channel import Channel
+from multitrack.backends._pooled import PooledBackend
 from multitrack.backends._worker import SLOT_SIZE, read_slot
 
 # A worker must say "booted" within this many seconds of being started (interpreter start-up
@@ -93,8 +93,6 @@ from multitrack.backends._worker import SLOT_SIZE, read_slot
 BOOT_TIMEOUT = 60.0
 # After "stop", how long a worker may take to exit before it is killed.
 EXIT_GRACE = 2.0
-# How many chunks one worker may hold: one running, one waiting, so it never idles.
-PER_WORKER = 2
 # A waiting chunk larger than this is held back here until its worker is idle. Smaller ones fit
 # in the socket's kernel buffer and cost the sender nothing; a larger send must wait for the
 # worker's reader thread, which cannot run while a task holds the GIL in C code: the send (and
@@ -146,8 +144,11 @@ class _Proc:
     def pid(self) -> int:
         return self.popen.pid
 
+    def held(self) -> tuple[int, int]:
+        return len(self.sent), sum(len(s.chunk.indices) for s in self.sent.values())
 
-class ProcessBackend(Backend):
+
+class ProcessBackend(PooledBackend):
     """Worker processes that survive crashes of the tasks they run."""
 
     can_kill = True
@@ -160,10 +161,12 @@ class ProcessBackend(Backend):
         initargs: tuple[Any, ...] = (),
         max_tasks_per_worker: int | None = None,
     ) -> None:
-        self.slots = workers
-        self._initializer = initializer
-        self._initargs = initargs
-        self._max_tasks = max_tasks_per_worker
+        super().__init__(
+            workers,
+            initializer=initializer,
+            initargs=initargs,
+            max_tasks_per_worker=max_tasks_per_worker,
+        )
         self._procs: dict[int, _Proc] = {}
         self._next_key = 0
         self._events: list[Event] = []
@@ -222,27 +225,8 @@ class ProcessBackend(Backend):
 
     # -- scheduling -----------------------------------------------------------------------
 
-    def capacity(self) -> int:
-        return sum(PER_WORKER - len(p.sent) for p in self._free())
-
-    def room(self) -> int | None:
-        if self._max_tasks is None:
-            return None
-        return max((self._quota_left(p) for p in self._free()), default=0)
-
-    def _free(self) -> list[_Proc]:
-        """Workers that may take another chunk now."""
-        return [
-            p
-            for p in self._procs.values()
-            if p.state == "ready" and len(p.sent) < PER_WORKER and self._quota_left(p) > 0
-        ]
-
-    def _quota_left(self, proc: _Proc) -> int:
-        if self._max_tasks is None:
-            return sys.maxsize
-        held = sum(len(s.chunk.indices) for s in proc.sent.values())
-        return self._max_tasks - proc.tasks_done - held
+    def _ready_workers(self) -> list[_Proc]:
+        return [p for p in self._procs.values() if p.state == "ready"]
 
     def submit(self, chunk: Chunk) -> None:
         messages, unpicklable = _chunk_messages(chunk)
@@ -250,7 +234,7 @@ class ProcessBackend(Backend):
             self._events.append(Completed(chunk.id, unpicklable, 0.0))
         if not messages:
             return
-        target = self._pick_worker(len(chunk.indices))
+        target: _Proc = self._pick(len(chunk.indices))
         sent = _Sent(chunk, len(chunk.indices) - len(unpicklable), split=bool(unpicklable))
         size = sum(len(message[3]) for message, _ in messages)  # shared memory aside
         busy = bool(target.sent)
@@ -260,13 +244,6 @@ class ProcessBackend(Backend):
             return
         for message, buffers in messages:
             self._try_send(target, message, buffers)
-
-    def _pick_worker(self, size: int) -> _Proc:
-        # The least loaded worker; a waiting chunk is queued behind its running one.
-        candidates = [p for p in self._free() if self._quota_left(p) >= size]
-        if not candidates:
-            raise RuntimeError("submit() without room")  # a scheduler bug, not user error
-        return min(candidates, key=lambda p: len(p.sent))
 
     def running(self) -> list[Running]:
         now_running = []
@@ -494,7 +471,7 @@ class ProcessBackend(Backend):
         )
         self._next_key += 1
         self._procs[proc.key] = proc
-        init = cloudpickle.dumps((self._initializer, self._initargs, self._fn))
+        init = cloudpickle.dumps((self.initializer, self.initargs, self._fn))
         self._try_send(proc, ("init", list(sys.path), init))
         proc.fn_version = self._fn_version
         return proc

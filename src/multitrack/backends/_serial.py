@@ -30,8 +30,8 @@ class SerialBackend(Backend):
         max_tasks_per_worker: int | None = None,
     ) -> None:
         self.slots = 1
-        self._initializer = initializer
-        self._initargs = initargs
+        self.initializer = initializer
+        self.initargs = initargs
         self._initialized = False
         self._fn: Callable[..., Any] | None = None
         self._queued: list[Chunk] = []
@@ -40,9 +40,9 @@ class SerialBackend(Backend):
         self._fn = fn
         if not self._initialized:
             self._initialized = True
-            if self._initializer is not None:
+            if self.initializer is not None:
                 try:
-                    self._initializer(*self._initargs)
+                    self.initializer(*self.initargs)
                 except Exception as exc:
                     raise WorkerStartError(
                         f"the initializer failed: {type(exc).__name__}: {exc}"

@@ -15,7 +15,6 @@ discards the result.
 from __future__ import annotations
 
 import queue
-import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -23,8 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from multitrack._errors import WorkerStartError
-from multitrack.backends._base import Backend, Chunk, Completed, Event, Lost, Output, Running
-from multitrack.backends._process import PER_WORKER
+from multitrack.backends._base import Chunk, Completed, Event, Lost, Output, Running
+from multitrack.backends._pooled import PooledBackend
 
 JOIN_GRACE = 2.0
 
@@ -36,16 +35,19 @@ class _Thread:
     thread: threading.Thread | None = None
     ready: bool = False
     abandoned: bool = False
-    held: dict[int, Chunk] = field(default_factory=dict)
+    chunks: dict[int, Chunk] = field(default_factory=dict)
     current: tuple[int, int, float] | None = None
     tasks_done: int = 0
+
+    def held(self) -> tuple[int, int]:
+        return len(self.chunks), sum(len(c.indices) for c in self.chunks.values())
 
     def is_abandoned(self) -> bool:
         # A method, not the attribute: another thread flips it while an item runs.
         return self.abandoned
 
 
-class ThreadBackend(Backend):
+class ThreadBackend(PooledBackend):
     """A pool of worker threads."""
 
     can_kill = False
@@ -58,10 +60,12 @@ class ThreadBackend(Backend):
         initargs: tuple[Any, ...] = (),
         max_tasks_per_worker: int | None = None,
     ) -> None:
-        self.slots = workers
-        self._initializer = initializer
-        self._initargs = initargs
-        self._max_tasks = max_tasks_per_worker
+        super().__init__(
+            workers,
+            initializer=initializer,
+            initargs=initargs,
+            max_tasks_per_worker=max_tasks_per_worker,
+        )
         self._threads: dict[int, _Thread] = {}
         self._next_key = 0
         self._outbox: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
@@ -78,33 +82,12 @@ class ThreadBackend(Backend):
         while len(self._threads) < self.slots:
             self._spawn()
 
-    def capacity(self) -> int:
-        return sum(PER_WORKER - len(t.held) for t in self._free())
-
-    def room(self) -> int | None:
-        if self._max_tasks is None:
-            return None
-        return max((self._quota_left(t) for t in self._free()), default=0)
-
-    def _free(self) -> list[_Thread]:
-        return [
-            t
-            for t in self._threads.values()
-            if t.ready and len(t.held) < PER_WORKER and self._quota_left(t) > 0
-        ]
-
-    def _quota_left(self, worker: _Thread) -> int:
-        if self._max_tasks is None:
-            return sys.maxsize
-        held = sum(len(c.indices) for c in worker.held.values())
-        return self._max_tasks - worker.tasks_done - held
+    def _ready_workers(self) -> list[_Thread]:
+        return [t for t in self._threads.values() if t.ready]
 
     def submit(self, chunk: Chunk) -> None:
-        candidates = [t for t in self._free() if self._quota_left(t) >= len(chunk.indices)]
-        if not candidates:
-            raise RuntimeError("submit() without room")
-        target = min(candidates, key=lambda t: len(t.held))
-        target.held[chunk.id] = chunk
+        target: _Thread = self._pick(len(chunk.indices))
+        target.chunks[chunk.id] = chunk
         target.inbox.put(chunk)
 
     def poll(self, timeout: float | None) -> Sequence[Event]:
@@ -138,11 +121,11 @@ class ThreadBackend(Backend):
             ) from cause
         elif kind == "done":
             _, _, call, chunk_id, outcomes, busy = message
-            if call != self._call or worker.held.pop(chunk_id, None) is None:
+            if call != self._call or worker.chunks.pop(chunk_id, None) is None:
                 return
             worker.tasks_done += len(outcomes)
             self._events.append(Completed(chunk_id, outcomes, busy))
-            if not worker.held and self._quota_left(worker) <= 0:
+            if not worker.chunks and self._quota_left(worker) <= 0:
                 self._retire(worker)
                 while len(self._threads) < self.slots and not self._closed:
                     self._spawn()
@@ -151,7 +134,7 @@ class ThreadBackend(Backend):
         now_running = []
         for worker in self._threads.values():
             current = worker.current
-            if current is not None and current[0] in worker.held:
+            if current is not None and current[0] in worker.chunks:
                 now_running.append(Running(worker.key, *current))
         return now_running
 
@@ -160,19 +143,19 @@ class ThreadBackend(Backend):
         if victim is None:
             return
         current = victim.current
-        running = (current[0], current[1]) if current and current[0] in victim.held else None
+        running = (current[0], current[1]) if current and current[0] in victim.chunks else None
         self._retire(victim)
-        self._events.append(Lost(victim.key, list(victim.held), running, None, None, True))
-        victim.held.clear()
+        self._events.append(Lost(victim.key, list(victim.chunks), running, None, None, True))
+        victim.chunks.clear()
         while len(self._threads) < self.slots and not self._closed:
             self._spawn()
 
     def end(self, *, abort: bool) -> None:
         self._events.clear()
         for worker in list(self._threads.values()):
-            if worker.held and abort:
+            if worker.chunks and abort:
                 self._retire(worker)  # its item runs to completion; the result is dropped
-            worker.held.clear()
+            worker.chunks.clear()
         self._fn = None
 
     def close(self, *, kill: bool = False) -> None:
@@ -203,9 +186,9 @@ class ThreadBackend(Backend):
         worker.thread.start()
 
     def _serve(self, worker: _Thread) -> None:
-        if self._initializer is not None:
+        if self.initializer is not None:
             try:
-                self._initializer(*self._initargs)
+                self.initializer(*self.initargs)
             except BaseException as exc:
                 self._outbox.put(("start_error", worker.key, exc))
                 return
