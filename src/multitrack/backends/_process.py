@@ -153,20 +153,8 @@ class ProcessBackend(PooledBackend):
 
     can_kill = True
 
-    def __init__(
-        self,
-        workers: int,
-        *,
-        initializer: Callable[..., Any] | None = None,
-        initargs: tuple[Any, ...] = (),
-        max_tasks_per_worker: int | None = None,
-    ) -> None:
-        super().__init__(
-            workers,
-            initializer=initializer,
-            initargs=initargs,
-            max_tasks_per_worker=max_tasks_per_worker,
-        )
+    def __init__(self, workers: int, **options: Any) -> None:
+        super().__init__(workers, **options)  # initializer, initargs, max_tasks_per_worker
         self._procs: dict[int, _Proc] = {}
         self._next_key = 0
         self._events: list[Event] = []

@@ -52,20 +52,8 @@ class ThreadBackend(PooledBackend):
 
     can_kill = False
 
-    def __init__(
-        self,
-        workers: int,
-        *,
-        initializer: Callable[..., Any] | None = None,
-        initargs: tuple[Any, ...] = (),
-        max_tasks_per_worker: int | None = None,
-    ) -> None:
-        super().__init__(
-            workers,
-            initializer=initializer,
-            initargs=initargs,
-            max_tasks_per_worker=max_tasks_per_worker,
-        )
+    def __init__(self, workers: int, **options: Any) -> None:
+        super().__init__(workers, **options)  # initializer, initargs, max_tasks_per_worker
         self._threads: dict[int, _Thread] = {}
         self._next_key = 0
         self._outbox: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
