@@ -327,9 +327,13 @@ class Run:
     def _death_error(self, index: int, event: Lost) -> TaskError:
         task, attempts = self.describe(self.args[index]), self.runs.get(index, 0) + 1
         if event.killed:
+            what = (
+                "its worker was stopped and replaced"
+                if self.backend.can_kill
+                else "it cannot be stopped: its thread was abandoned to finish in the background"
+            )
             return TaskTimeout(
-                f"{task_label(index, task)} timed out after {self.policy.timeout:g} s "
-                f"(its worker was stopped and replaced)",
+                f"{task_label(index, task)} timed out after {self.policy.timeout:g} s ({what})",
                 index=index,
                 task=task,
                 attempts=attempts,
