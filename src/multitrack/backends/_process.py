@@ -370,13 +370,16 @@ class ProcessBackend(PooledBackend):
             proc.held_back.clear()
 
     def give_back(self) -> None:
-        # The worker with the most tasks not yet started hands them back: the tail of its
-        # running chunk and its waiting chunk, if any.
+        # Only for an idle worker; then the worker with the most tasks queued behind its
+        # running one hands them back: the tail of its running chunk and its waiting chunk.
+        ready = self._ready_workers()
+        if not any(proc.held()[0] == 0 for proc in ready):
+            return
         best: tuple[int, _Proc] | None = None
-        for proc in self._procs.values():
-            unstarted = self._unstarted(proc)
-            if unstarted > 0 and (best is None or unstarted > best[0]):
-                best = (unstarted, proc)
+        for proc in ready:
+            queued = self._queued_behind(proc)
+            if queued > 0 and (best is None or queued > best[0]):
+                best = (queued, proc)
         if best is None:
             return
         proc = best[1]
@@ -385,10 +388,11 @@ class ProcessBackend(PooledBackend):
                 proc.asked_back.add(chunk_id)
                 self._try_send(proc, ("give_back", chunk_id))
 
-    def _unstarted(self, proc: _Proc) -> int:
-        """Tasks held by ``proc`` that it has not started (and we have not asked back)."""
+    def _queued_behind(self, proc: _Proc) -> int:
+        """Tasks ``proc`` holds that wait behind the one it runs (and were not asked back).
+        A worker between tasks starts its next one at once: that one does not count."""
         current = read_slot(proc.slot)
-        count = 0
+        count = 0 if current is not None else -1
         for chunk_id, sent in proc.sent.items():
             if sent.split or chunk_id in proc.asked_back:
                 continue
