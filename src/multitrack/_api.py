@@ -51,6 +51,8 @@ class PoolOptions(CallOptions, total=False):
     initializer: Callable[..., Any] | None
     initargs: tuple[Any, ...]
     max_tasks_per_worker: int | None
+    address: str | None
+    client: Any
 
 
 class MapOptions(PoolOptions, total=False):
@@ -69,7 +71,8 @@ def map(
 
     Options (keyword-only):
         workers: pool size; default the CPUs this process may use (affinity and cgroup aware).
-        backend: ``"process"`` (default), ``"thread"`` or ``"serial"``.
+        backend: ``"process"`` (default), ``"thread"``, ``"serial"``, or ``"dask"`` /
+            ``"ray"`` (a cluster; extras ``multitrack[dask]`` / ``multitrack[ray]``).
         ordered: results in input order (default); ``False``: in completion order.
         chunksize: tasks sent to a worker at once; ``None``/``"auto"`` sizes chunks from the
             measured task time.
@@ -85,6 +88,11 @@ def map(
         retry_delay: seconds before the first retry, doubled for each further one.
         initializer, initargs: ``initializer(*initargs)`` runs once in each worker at start.
         max_tasks_per_worker: replace a worker after this many tasks (for leaky code).
+        address: with ``backend="dask"`` or ``"ray"``, the cluster to attach to (default:
+            ``DASK_SCHEDULER_ADDRESS`` / an active dask client; ``RAY_ADDRESS`` / the Ray
+            session already initialised; else a local cluster of ``workers`` processes,
+            shut down after the call). See docs/distributed.md.
+        client: with ``backend="dask"``, an existing ``distributed.Client`` to run on.
 
     Example:
         >>> import multitrack as mt
@@ -335,6 +343,9 @@ def _new_backend(opts: Options) -> Backend:
         initializer=opts.initializer,
         initargs=opts.initargs,
         max_tasks_per_worker=opts.max_tasks_per_worker,
+        address=opts.address,
+        client=opts.client,
+        fit_cluster=opts.fit_cluster,
     )
 
 

@@ -219,7 +219,12 @@ class WorkerCrashed(TaskError):
         exitcode = returncode
         if returncode is not None and returncode < 0:
             signame, exitcode = signal_name(-returncode), None
-        how = f"killed by {signame}" if signame else f"exited with code {exitcode}"
+        if signame:
+            how = f"killed by {signame}"
+        elif exitcode is not None:
+            how = f"exited with code {exitcode}"
+        else:  # a cluster engine reports the death but not its cause
+            how = "died (its engine does not say how)"
         message = f"{task_label(index, task)}: its worker (pid {pid}) {how} while running it"
         hint = _SIGNAL_HINTS.get(signame or "")
         if hint:

@@ -34,10 +34,25 @@ class Options:
     initializer: Callable[..., Any] | None = None
     initargs: tuple[Any, ...] = ()
     max_tasks_per_worker: int | None = None
+    address: str | None = None  # dask/ray: the cluster to attach to
+    client: Any = None  # dask: an existing distributed.Client
+    # Not an option: ``workers`` was left to its default, so a backend attaching to an
+    # existing cluster may use all of it instead of this machine's CPU count.
+    fit_cluster: bool = False
 
 
 #: options that shape the workers themselves: a Pool takes them once, not per call
-POOL_ONLY = ("workers", "backend", "initializer", "initargs", "max_tasks_per_worker")
+POOL_ONLY = (
+    "workers",
+    "backend",
+    "initializer",
+    "initargs",
+    "max_tasks_per_worker",
+    "address",
+    "client",
+)
+#: the backends that run on a cluster (``address=``, ``client=``)
+CLUSTER_BACKENDS = ("dask", "ray")
 
 
 def usable_cpus() -> int:
@@ -110,8 +125,22 @@ def validate(base: Options | None = None, **given: Any) -> Options:
     if base is None:
         if checked.get("workers") is None:
             checked["workers"] = usable_cpus()
-        return Options(**checked)
-    return replace(base, **checked)
+            checked["fit_cluster"] = True
+        options = Options(**checked)
+    else:
+        options = replace(base, **checked)
+    _check_cluster(options)
+    return options
+
+
+def _check_cluster(options: Options) -> None:
+    """``address``/``client`` name a cluster: only for the engines that run on one."""
+    for name in ("address", "client"):
+        if getattr(options, name) is not None and options.backend not in CLUSTER_BACKENDS:
+            engines = "backend='dask'" if name == "client" else "backend='dask' or 'ray'"
+            raise ValueError(f"{name}= is for {engines}, not backend={options.backend!r}")
+    if options.client is not None and options.address is not None:
+        raise ValueError("give client= or address=, not both (the client has an address)")
 
 
 def _check(name: str, value: Any) -> Any:
@@ -155,4 +184,13 @@ def _check(name: str, value: Any) -> Any:
         return tuple(value)
     if name == "max_tasks_per_worker":
         return _positive_int("max_tasks_per_worker", value, allow_none=True)
+    if name == "address":
+        if value is not None and (not isinstance(value, str) or not value.strip()):
+            raise TypeError(f"address must be a cluster address string, got {value!r}")
+        return value
+    if name == "client":
+        module = type(value).__module__.partition(".")[0]
+        if value is not None and (module != "distributed" or not hasattr(value, "submit")):
+            raise TypeError(f"client must be a distributed.Client, got {type(value).__name__}")
+        return value
     raise TypeError(f"unexpected keyword argument {name!r}")  # pragma: no cover

@@ -11,7 +11,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # workers import this package and need none of it
     from multitrack.backends._base import Backend
 
-NAMES = ("process", "thread", "serial")
+NAMES = ("process", "thread", "serial", "dask", "ray")
+#: the engines that run on a cluster: optional extras, each with its install command
+CLUSTER_EXTRAS = {"dask": ("distributed", "dask"), "ray": ("ray", "ray")}
 
 
 def create(
@@ -21,8 +23,14 @@ def create(
     initializer: Callable[..., Any] | None = None,
     initargs: tuple[Any, ...] = (),
     max_tasks_per_worker: int | None = None,
+    address: str | None = None,
+    client: Any = None,
+    fit_cluster: bool = False,
 ) -> Backend:
-    """A new, not yet started backend called ``name`` (one of ``NAMES``)."""
+    """A new, not yet started backend called ``name`` (one of ``NAMES``).
+
+    ``address``/``client`` (dask, ray only) name the cluster to attach to; ``fit_cluster``:
+    ``workers`` was not given, so on a cluster we attach to, use all of its CPUs."""
     options: dict[str, Any] = {
         "initializer": initializer,
         "initargs": initargs,
@@ -40,4 +48,28 @@ def create(
         from multitrack.backends._serial import SerialBackend
 
         return SerialBackend(workers, **options)
+    if name in CLUSTER_EXTRAS:
+        _require(name)
+        if name == "dask":
+            from multitrack.backends._dask import DaskBackend
+
+            return DaskBackend(
+                workers, address=address, client=client, fit_cluster=fit_cluster, **options
+            )
+        from multitrack.backends._ray import RayBackend
+
+        return RayBackend(workers, address=address, fit_cluster=fit_cluster, **options)
     raise ValueError(f"backend={name!r} is not one of {', '.join(map(repr, NAMES))}")
+
+
+def _require(name: str) -> None:
+    """Check the engine's extra is installed, before anything of it is imported."""
+    import importlib.util
+
+    module, extra = CLUSTER_EXTRAS[name]
+    if importlib.util.find_spec(module) is None:
+        raise ImportError(
+            f'backend="{name}" needs the optional {module!r} package: '
+            f'pip install "multitrack[{extra}]"',
+            name=module,
+        )
