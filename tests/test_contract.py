@@ -272,3 +272,38 @@ def test_slow_tail_is_shared_and_every_task_runs_exactly_once(tmp_path: Any) -> 
         name.split("-")[1] for name in os.listdir(tmp_path) if int(name.split("-")[0]) >= 300
     }
     assert len(slow_pids) == 2, "both workers should have run some of the slow tail"
+
+
+def test_a_scripts_function_sees_globals_set_by_its_initializer(tmp_path: Any) -> None:
+    # The classic trap with functions sent by value: the initializer and the function must
+    # share one globals dict in the worker.
+    script = tmp_path / "init_job.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import multitrack as mt
+
+            MODEL = None
+
+            def load(name):
+                global MODEL
+                MODEL = name.upper()
+
+            def predict(x):
+                return f"{MODEL}:{x}"
+
+            print(mt.map(predict, [1, 2], workers=2, initializer=load, initargs=("net",)))
+            """
+        )
+    )
+    env = dict(os.environ, MULTITRACK_PROGRESS="0")
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "['NET:1', 'NET:2']"
