@@ -1,0 +1,20 @@
+"""multitrack's benchmark harness: ``python -m benchmarks`` (needs the ``bench`` extra).
+
+It times, side by side in one run, a plain for-loop, multitrack and the libraries users would
+pick instead (``multiprocessing.Pool``, ``ProcessPoolExecutor``, joblib, mpire, tqdm's
+``process_map``, pebble, mmengine's ``track_parallel_progress``), on the six workloads of issue
+#4, and writes a Markdown report (``docs/benchmarks.md``).
+
+The method, in one picture::
+
+    __main__ ── plan workloads ──▶ runner ── one fresh subprocess per measurement ──▶ one
+      │                              │  round robin over contenders, repeats rotated      │
+      │                              │  hard timeout, memory sampled from outside          │
+      │                              ◀──────────── RESULT (JSON: seconds or error) ◀──────┘
+      └── stats (medians, speedups, best peer) ──▶ report (Markdown)
+
+Modules: ``tasks`` (the functions every contender runs), ``workloads`` (sizes, inputs, checks),
+``contenders`` (each library as its docs recommend), ``one`` (the child: one timed call),
+``runner`` (subprocesses, timeouts, interleaving), ``proctree`` (peak memory, leftovers),
+``sinks`` (where the bars draw), ``machine`` (what it ran on), ``stats`` and ``report``.
+"""

@@ -1,0 +1,102 @@
+"""From outcomes to the numbers the report shows.
+
+* A row is one (workload, contender): the **median** of its successful runs (robust to one
+  unlucky run on a shared machine), their min and max, and its failures counted by kind.
+* **speedup** = loop median / row median; **efficiency** = speedup / workers (1.0 is perfect
+  use of every core; the loop runs on one core, so it is the right yardstick).
+* **best peer** = the fastest row among the libraries users would pick instead of multitrack
+  (not the loop, not multitrack's own rows); a peer counts if at least one of its runs worked,
+  its failures are shown next to it.
+* **multitrack / best peer**: below 1, multitrack wins.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from benchmarks.contenders import CONTENDERS
+from benchmarks.runner import Outcome
+
+__all__ = ["Row", "best_peer", "find", "make_rows"]
+
+
+@dataclass(frozen=True)
+class Row:
+    """The aggregated runs of one contender on one workload."""
+
+    contender: str
+    runs: int
+    ok: int
+    median_s: float | None
+    min_s: float | None
+    max_s: float | None
+    peak_mb: float | None  # median over successful runs of the peak RSS sum of the process tree
+    output_bytes: int  # median bytes written to stdout + stderr (the bars)
+    leaked: int  # processes left behind, summed over runs
+    failures: str  # "timeout x2, crash x1", or ""
+    message: str  # the first failure's message
+    busy_before: float  # median CPU use (%) of the machine just before the runs
+    unsettled: int  # runs that started on a busy machine
+    disturbed: int  # kept runs during which other processes took CPU
+
+    @property
+    def timed(self) -> bool:
+        """Whether at least one run gave a time."""
+        return self.median_s is not None
+
+    def speedup(self, loop: Row | None) -> float | None:
+        """How many times faster than the loop."""
+        if loop is None or loop.median_s is None or self.median_s is None:
+            return None
+        return loop.median_s / self.median_s
+
+    def ratio_to(self, other: Row | None) -> float | None:
+        """This row's median over ``other``'s."""
+        if other is None or other.median_s is None or self.median_s is None:
+            return None
+        return self.median_s / other.median_s
+
+
+def make_rows(outcomes: Iterable[Outcome], order: Sequence[str]) -> list[Row]:
+    """One row per contender of ``order`` that has outcomes, in that order."""
+    by_name: dict[str, list[Outcome]] = {}
+    for outcome in outcomes:
+        by_name.setdefault(outcome.contender, []).append(outcome)
+    return [_row(name, by_name[name]) for name in order if name in by_name]
+
+
+def _row(name: str, outcomes: list[Outcome]) -> Row:
+    times = [o.seconds for o in outcomes if o.status == "ok" and o.seconds is not None]
+    peaks = [o.peak_mb for o in outcomes if o.peak_mb is not None and o.status == "ok"]
+    failed = [o for o in outcomes if o.status != "ok"]
+    kinds = Counter(o.status for o in failed)
+    return Row(
+        contender=name,
+        runs=len(outcomes),
+        ok=len(times),
+        median_s=statistics.median(times) if times else None,
+        min_s=min(times) if times else None,
+        max_s=max(times) if times else None,
+        peak_mb=statistics.median(peaks) if peaks else None,
+        output_bytes=round(statistics.median(o.output_bytes for o in outcomes)),
+        leaked=sum(o.leaked for o in outcomes),
+        failures=", ".join(f"{kind} x{count}" for kind, count in sorted(kinds.items())),
+        message=failed[0].message if failed else "",
+        busy_before=statistics.median(o.busy_before for o in outcomes),
+        unsettled=sum(not o.settled for o in outcomes),
+        disturbed=sum(o.disturbed for o in outcomes),
+    )
+
+
+def find(rows: Sequence[Row], name: str) -> Row | None:
+    """The row of contender ``name``, if it ran."""
+    return next((row for row in rows if row.contender == name), None)
+
+
+def best_peer(rows: Sequence[Row]) -> Row | None:
+    """The fastest peer with a time (see the module docstring)."""
+    peers = [row for row in rows if CONTENDERS[row.contender].peer and row.median_s is not None]
+    return min(peers, key=lambda row: row.median_s or 0.0, default=None)
