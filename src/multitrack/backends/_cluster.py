@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from multitrack.backends import _wire
-from multitrack.backends._base import Outcome
+from multitrack.backends._base import Chunk, Completed, Outcome
 
 # Worker side: functions of recent calls by call key (a pool reuses workers across calls).
 _LOADED: dict[str, Callable[..., Any]] = {}
@@ -335,3 +335,38 @@ def with_indices(
 ) -> list[Outcome]:
     """Outcomes by chunk position -> outcomes by task index."""
     return [(indices[position], ok, value) for position, ok, value in outcomes]
+
+
+def on_result(
+    engine: str,
+    chunk: Chunk,
+    data: bytes,
+    output: Callable[[str, str], None],
+    resend: Callable[[Chunk, Any, list[Outcome]], None],
+) -> Completed | None:
+    """Parent side: what a chunk's result message means, the same on every engine.
+
+    ``done``: the outcomes (returned as an event); ``split``: the worker could not unpickle the
+    chunk's arguments, so they are resent one by one (``resend``); otherwise the function or
+    its initializer could not run there, which stops the call."""
+    from multitrack._errors import WorkerStartError
+
+    message = unpack_result(data)
+    kind = message[0]
+    if kind == "done":
+        _, outcomes, busy, lines = message
+        emit_output(lines, output)
+        return Completed(chunk.id, with_indices(chunk.indices, outcomes), busy)
+    if kind == "split":
+        payload, failures = split_args(chunk.args)
+        resend(chunk, payload, failures)
+        return None
+    cause = message[1]
+    if kind == "start_error":
+        raise WorkerStartError(
+            f"the initializer failed on a {engine} worker: {_wire.describe(cause)}"
+        ) from cause
+    raise WorkerStartError(
+        f"the function could not be loaded on a {engine} worker: {_wire.describe(cause)} "
+        "(is its module importable there?)"
+    ) from cause

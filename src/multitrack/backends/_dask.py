@@ -448,28 +448,9 @@ class DaskBackend(Backend):
             self._events.append(_lost(flight, killed=False, known=False))
 
     def _on_result(self, flight: _Flight, data: bytes) -> None:
-        chunk = flight.chunk
-        message = _cluster.unpack_result(data)
-        kind = message[0]
-        if kind == "done":
-            _, outcomes, busy, output = message
-            _cluster.emit_output(output, self._output)
-            outcomes = _cluster.with_indices(chunk.indices, outcomes)
-            self._events.append(Completed(chunk.id, outcomes, busy))
-        elif kind == "split":
-            payload, failures = _cluster.split_args(chunk.args)
-            self._send(chunk, payload, failures)
-        elif kind == "start_error":
-            cause = message[1]
-            raise WorkerStartError(
-                f"the initializer failed on a dask worker: {_wire.describe(cause)}"
-            ) from cause
-        else:
-            cause = message[1]
-            raise WorkerStartError(
-                f"the function could not be loaded on a dask worker: {_wire.describe(cause)} "
-                "(is its module importable there?)"
-            ) from cause
+        event = _cluster.on_result("dask", flight.chunk, data, self._output, self._send)
+        if event is not None:
+            self._events.append(event)
 
     def _judge_deaths(self) -> None:
         """Report the chunks of dead workers once their ``KilledWorker``s are all in."""
