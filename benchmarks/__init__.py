@@ -15,6 +15,8 @@ The method, in one picture::
 
 Modules: ``tasks`` (the functions every contender runs), ``workloads`` (sizes, inputs, checks),
 ``contenders`` (each library as its docs recommend), ``one`` (the child: one timed call),
-``runner`` (subprocesses, timeouts, interleaving), ``proctree`` (peak memory, leftovers),
-``sinks`` (where the bars draw), ``machine`` (what it ran on), ``stats`` and ``report``.
+``runner`` (subprocesses, timeouts, interleaving), ``source`` (the frozen, compiled code under
+test), ``noise`` (other processes and CPU speed: wait, detect, measure again), ``proctree``
+(peak memory, orphans, leftovers), ``sinks`` (where the bars draw), ``machine`` (what it ran
+on), ``results`` (a run as JSON, ``--json`` / ``--render``), ``stats`` and ``report``.
 """

@@ -267,7 +267,10 @@ class _Log:
         if not outcome.settled:
             what += f" (machine busy: {outcome.busy_before:.0f}% CPU before the run)"
         if outcome.disturbed:
-            what += f" (disturbed: others took {outcome.foreign_cores:.2f} cores)"
+            what += (
+                f" (disturbed: others took {outcome.foreign_cores:.2f} cores, "
+                f"CPU speed {outcome.speed:.0%})"
+            )
         elapsed = runner.elapsed_since(self._started)
         print(
             f"[{self._done:>4}/{self._total} {elapsed}] ({outcome.workload}) "

@@ -10,7 +10,7 @@ Plain RSS would miss shared memory nobody has touched yet (multitrack passes lar
 ``memfd`` shared memory: a result the caller has not read is in no process's RSS) and count
 touched shared pages once per process; joblib's memory-mapped arrays in ``/dev/shm`` are
 shared memory too. ``Shmem`` is machine-wide, so another process allocating shared memory at
-the same time would be counted (the runner checks the machine is quiet; see below). Private
+the same time would be counted (the runner checks that the machine is quiet: ``noise``). Private
 pages are still counted once per process that has them: copy-on-write pages after ``fork`` and
 shared libraries make the sum over-state what forking libraries really use, a little; that is
 what ``top`` shows, and the same yardstick for everyone. The tree is re-read (a scan of
@@ -18,20 +18,11 @@ what ``top`` shows, and the same yardstick for everyone. The tree is re-read (a 
 the known processes' ``/proc/PID/status`` is read, so the sampler costs a few percent of one
 core, the same for every contender. It runs only for the workloads that report memory.
 
-**A quiet start** (``wait_quiet``): before each run the runner measures the machine's CPU use
-over a quarter of a second (nothing of ours runs then) and waits, up to ``--settle`` seconds,
-until it is under 20% of all CPUs. The last figure is kept with the run and summarised in the
-report, so a table measured on a busy machine says so.
-
-**Load during a run** (``ForeignLoad``): the machine's busy CPU time over the run (from
-``/proc/stat``) minus the CPU time of the run itself (the child and every descendant it
-waited for, from ``getrusage``) and of the runner, divided by the run's wall time: how many
-cores other processes took while we measured. A run that lost more than ``NOISY_CORES`` is
-*disturbed*; the runner repeats it (``--noisy-retries``) and the report counts what it kept.
-Workers a library leaves to exit on their own (joblib's loky keeps its workers for reuse) are
-orphaned when the child exits; the runner makes itself their *subreaper*
-(``PR_SET_CHILD_SUBREAPER``), so they are re-parented to it, and reaps them
-(``reap_orphans``), which adds their CPU time to its ``RUSAGE_CHILDREN`` like any other.
+**Orphans** (``become_subreaper``, ``reap_orphans``): workers a library leaves to exit on
+their own (joblib's loky keeps its workers for reuse) are orphaned when the child exits. The
+runner makes itself their *subreaper* (``PR_SET_CHILD_SUBREAPER``), so they are re-parented to
+it, and reaps them, which adds their CPU time to its ``RUSAGE_CHILDREN`` like any other child's
+(``benchmarks.noise`` counts on that).
 
 **Leftovers** (``token_processes``, ``kill_all``): every child gets a unique ``BENCH_TOKEN`` in
 its environment, which its workers inherit, whatever session or process group they put
@@ -47,33 +38,25 @@ import contextlib
 import ctypes
 import ctypes.util
 import os
-import resource
 import threading
 import time
 
 import psutil
 
 __all__ = [
-    "NOISY_CORES",
-    "QUIET_PERCENT",
     "SAMPLE_S",
     "TOKEN",
-    "ForeignLoad",
     "PeakSampler",
     "become_subreaper",
     "kill_all",
     "reap_orphans",
     "token_processes",
     "wait_gone",
-    "wait_quiet",
 ]
 
 SAMPLE_S = 0.020  # seconds between two memory samples
 RESCAN_S = 0.100  # seconds between two scans for new descendants
 TOKEN = "BENCH_TOKEN"
-QUIET_PERCENT = 20.0  # the machine is quiet below this CPU use (% of all CPUs)
-QUIET_WINDOW_S = 0.25  # seconds over which CPU use is measured
-NOISY_CORES = 0.25  # a run during which other processes took more CPU than this is disturbed
 _PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
 
 
@@ -183,49 +166,6 @@ def wait_gone(token: str, grace: float) -> list[psutil.Process]:
         time.sleep(0.05)
         left = token_processes(token)
     return left
-
-
-def wait_quiet(max_wait: float) -> tuple[float, bool]:
-    """Wait up to ``max_wait`` seconds for CPU use under ``QUIET_PERCENT``.
-
-    Returns (the last CPU use seen in %, whether it was under the threshold)."""
-    deadline = time.monotonic() + max_wait
-    while True:
-        busy = float(psutil.cpu_percent(interval=QUIET_WINDOW_S))
-        if busy <= QUIET_PERCENT:
-            return busy, True
-        if time.monotonic() >= deadline:
-            return busy, False
-
-
-class ForeignLoad:
-    """Cores that other processes used between construction and ``stop`` (see above)."""
-
-    def __init__(self) -> None:
-        self._started = time.monotonic()
-        self._busy = _machine_busy_seconds()
-        self._ours = _our_cpu_seconds()
-
-    def stop(self) -> float:
-        """The average number of cores taken by others (0 when it cannot be told)."""
-        wall = time.monotonic() - self._started
-        busy = _machine_busy_seconds() - self._busy
-        ours = _our_cpu_seconds() - self._ours
-        return max(0.0, busy - ours) / wall if wall > 0 else 0.0
-
-
-def _machine_busy_seconds() -> float:
-    times = psutil.cpu_times()
-    idle = times.idle + getattr(times, "iowait", 0.0)
-    return float(sum(times) - idle)
-
-
-def _our_cpu_seconds() -> float:
-    seconds = 0.0
-    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
-        usage = resource.getrusage(who)
-        seconds += usage.ru_utime + usage.ru_stime
-    return seconds
 
 
 def become_subreaper() -> bool:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import statistics
 from collections.abc import Callable, Sequence
 
-from benchmarks import proctree, runner
+from benchmarks import noise, proctree, runner
 from benchmarks.contenders import CONTENDERS, process_map_chunksize
 from benchmarks.results import Results, WorkloadResult
 from benchmarks.stats import Row, best_peer, find
@@ -263,8 +263,8 @@ def _busy_words(results: Results) -> str:
     unsettled = sum(not outcome.settled for outcome in outcomes)
     return (
         f"median {statistics.median(ordered):.0f}%, max {ordered[-1]:.0f}% of all CPUs (other "
-        f"processes, measured over {proctree.QUIET_WINDOW_S} s before each run); {unsettled} of "
-        f"{len(ordered)} runs started above {proctree.QUIET_PERCENT:.0f}% after waiting "
+        f"processes, measured over {noise.QUIET_WINDOW_S} s before each run); {unsettled} of "
+        f"{len(ordered)} runs started above {noise.QUIET_PERCENT:.0f}% after waiting "
         f"{results.settle:g} s for quiet"
     )
 
@@ -273,10 +273,13 @@ def _disturbed_words(results: Results) -> str:
     outcomes = results.all_outcomes()
     kept = sum(outcome.disturbed for outcome in outcomes)
     discarded = sum(outcome.discarded for outcome in outcomes)
+    speeds = sorted(outcome.speed for outcome in outcomes) or [1.0]
     return (
         f"{discarded} run(s) measured again because other processes took more than "
-        f"{proctree.NOISY_CORES:g} cores during them (up to {results.noisy_retries} retries); "
-        f"{kept} of {len(outcomes)} kept runs were still disturbed"
+        f"{noise.NOISY_CORES:g} cores during them or the CPU ran under "
+        f"{noise.SLOW_SPEED:.0%} of its best speed (up to {results.noisy_retries} retries); "
+        f"{kept} of {len(outcomes)} kept runs were still disturbed. CPU speed around the kept "
+        f"runs: median {statistics.median(speeds):.0%}, lowest {speeds[0]:.0%} of the best seen"
     )
 
 
@@ -333,10 +336,13 @@ def _method(results: Results) -> str:
   libraries make forking libraries look a little bigger than they are; the loop's row is the
   floor (the inputs or results themselves).
 - **A quiet machine.** Before each run the runner waits (up to {results.settle:g} s) until
-  other processes use under {proctree.QUIET_PERCENT:.0f}% of the CPUs. During the run it
+  other processes use under {noise.QUIET_PERCENT:.0f}% of the CPUs. During the run it
   measures how much CPU other processes took (the machine's busy time minus the run's own, from
-  `getrusage`); a run that lost more than {proctree.NOISY_CORES:g} cores is measured again, up
-  to {results.noisy_retries} times. *Machine* above says how often each happened.
+  `getrusage`), and it times a short loop before and after the run: a virtual machine's cores
+  can slow down with no guest process to blame. A run during which others took more than
+  {noise.NOISY_CORES:g} cores, or around which the CPU ran under {noise.SLOW_SPEED:.0%} of its
+  best speed, is measured again, up to {results.noisy_retries} times. *Machine* above says how
+  often each happened.
 - **Hangs and crashes** are results: every run has a hard limit of {results.timeout:.0f} s, after
   which its whole process tree is killed and the row says `timeout`. A process of a run still
   alive {runner.LEAK_GRACE_S:.0f} s after the run ended is killed and reported as left behind.

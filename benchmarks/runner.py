@@ -13,8 +13,9 @@ samples its memory when the workload reports it (``benchmarks.proctree``), and w
 ``timeout`` seconds. Outcomes: ``ok`` (seconds), ``error`` (the child caught an exception or
 found wrong results), ``crash`` (it died without a result: exit code and the end of its
 output), ``timeout`` (a hang: the whole tree is killed). Any of these is a row of the report,
-never a crash of the harness. A run disturbed by other processes (``proctree.ForeignLoad``)
-is measured again, up to ``--noisy-retries`` times; the last attempt is kept either way.
+never a crash of the harness. A run disturbed by other processes or a slow CPU
+(``benchmarks.noise``) is measured again, up to ``--noisy-retries`` times; the last attempt is
+kept either way.
 
 The child's environment is the runner's minus whatever would change a library's behaviour
 behind its back: ``TQDM_*`` and ``MULTITRACK_*`` (``TQDM_DISABLE`` or ``MULTITRACK_PROGRESS=0``
@@ -40,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks import proctree
+from benchmarks import noise, proctree
 from benchmarks.sinks import make_sink
 
 __all__ = ["ROOT", "Outcome", "Settings", "child_env", "rotate", "run_all", "run_one"]
@@ -64,12 +65,13 @@ class Outcome:
     busy_before: float = 0.0  # % of all CPUs busy just before the run (other processes)
     settled: bool = True  # whether the machine was quiet when the run started
     foreign_cores: float = 0.0  # cores other processes took during the run
+    speed: float = 1.0  # the CPU's speed around the run (lower of before and after), 1 = best
     discarded: int = 0  # disturbed attempts thrown away before this one
 
     @property
     def disturbed(self) -> bool:
-        """Other processes took more than ``proctree.NOISY_CORES`` during the run."""
-        return self.foreign_cores > proctree.NOISY_CORES
+        """Other processes took CPU during the run, or the CPU ran slow (``benchmarks.noise``)."""
+        return self.foreign_cores > noise.NOISY_CORES or self.speed < noise.SLOW_SPEED
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,7 @@ class Settings:
     code: Path = ROOT  # where the code under test is run from (benchmarks.source.snapshot)
     settle: float = 0.0  # seconds to wait at most for a quiet machine before each run
     noisy_retries: int = 0  # extra attempts for a run disturbed by other processes
+    probe: noise.SpeedProbe = dataclasses.field(default_factory=noise.SpeedProbe)
 
 
 def child_env(token: str, code: Path = ROOT) -> dict[str, str]:
@@ -99,13 +102,14 @@ def child_env(token: str, code: Path = ROOT) -> dict[str, str]:
 
 def run_one(spec: dict[str, Any], settings: Settings, *, measure_memory: bool) -> Outcome:
     """Run one measurement in a fresh subprocess (see the module docstring)."""
-    busy, settled = proctree.wait_quiet(settings.settle)
+    busy, settled = noise.wait_quiet(settings.settle)
+    speed_before = settings.probe.speed()
     token = uuid.uuid4().hex
     with tempfile.TemporaryDirectory(prefix="bench-run-") as tmp:
         spec_path, result_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
         spec_path.write_text(json.dumps({**spec, "out_dir": str(Path(tmp) / "out")}))
         sink = make_sink(settings.bars)
-        foreign = proctree.ForeignLoad()
+        foreign = noise.ForeignLoad()
         child = subprocess.Popen(
             [sys.executable, "-m", "benchmarks.one", str(spec_path), str(result_path)],
             cwd=settings.code,
@@ -131,6 +135,7 @@ def run_one(spec: dict[str, Any], settings: Settings, *, measure_memory: bool) -
             written, tail = sink.finish()
         proctree.reap_orphans()
         foreign_cores = foreign.stop()
+        speed = min(speed_before, settings.probe.speed())
         result = _read_json(result_path)
     return _outcome(
         spec,
@@ -145,6 +150,7 @@ def run_one(spec: dict[str, Any], settings: Settings, *, measure_memory: bool) -
         busy=busy,
         settled=settled,
         foreign_cores=foreign_cores,
+        speed=speed,
     )
 
 
@@ -187,6 +193,7 @@ def _outcome(
     busy: float,
     settled: bool,
     foreign_cores: float,
+    speed: float,
 ) -> Outcome:
     common: dict[str, Any] = {
         "contender": spec["contender"],
@@ -197,6 +204,7 @@ def _outcome(
         "busy_before": busy,
         "settled": settled,
         "foreign_cores": foreign_cores,
+        "speed": speed,
     }
     if timed_out:
         return Outcome(status="timeout", message=f"no result after {timeout:g} s", **common)
