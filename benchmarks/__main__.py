@@ -269,7 +269,7 @@ class _Log:
         if outcome.disturbed:
             what += (
                 f" (disturbed: others took {outcome.foreign_cores:.2f} cores, "
-                f"CPU speed {outcome.speed:.0%})"
+                f"CPU at {outcome.speed:.0%} of its recent speed)"
             )
         elapsed = runner.elapsed_since(self._started)
         print(

@@ -9,21 +9,26 @@ same box), where two things make a run slow that have nothing to do with the lib
   takes the machine's busy CPU time (``/proc/stat``) minus the CPU time of the run itself (the
   child and every descendant reaped, from ``getrusage``; orphans are reaped too, see
   ``proctree``) and of the runner: the cores other processes took while we measured.
-* **a slower CPU**. A virtual machine's cores can run at half speed for a while (the host is
-  busy, or throttles), with no process of the guest to blame. ``speed`` times a short
-  pure-Python loop (best of 3, about 10 ms) before and after each run, as a fraction of the
-  fastest time seen so far in this benchmark run.
+* **a CPU whose speed changes**. A virtual machine's cores can run at half speed for minutes
+  (the host is busy, or throttles), with no process of the guest to blame. ``SpeedProbe``
+  times a short pure-Python loop (best of 3, about 10 ms) before and after each run. A slow
+  period that lasts is no harm (it hits every contender alike, thanks to the round robin) and
+  is only reported, as the speed relative to the fastest probe of the benchmark run; what
+  skews a comparison is a *change*, so a run is judged against the median of the last
+  ``RECENT`` probes.
 
 A run is *disturbed* when others took more than ``NOISY_CORES`` during it, or when the CPU ran
-under ``SLOW_SPEED`` of its best before or after it. The runner measures a disturbed run again
-(``--noisy-retries``) and keeps the last attempt either way; the report says how many runs were
-repeated, and how many disturbed ones were kept.
+under ``SLOW_SPEED`` of its recent speed before or after it. The runner measures a disturbed
+run again (``--noisy-retries``) and keeps the last attempt either way; the report says how
+many runs were repeated, and how many disturbed ones were kept.
 """
 
 from __future__ import annotations
 
 import resource
+import statistics
 import time
+from collections import deque
 
 import psutil
 
@@ -42,7 +47,8 @@ __all__ = [
 QUIET_PERCENT = 20.0  # the machine is quiet below this CPU use (% of all CPUs)
 QUIET_WINDOW_S = 0.25  # seconds over which CPU use is measured before a run
 NOISY_CORES = 0.25  # a run during which other processes took more CPU than this is disturbed
-SLOW_SPEED = 0.85  # a CPU slower than this fraction of its best is disturbed
+SLOW_SPEED = 0.85  # a CPU slower than this fraction of its recent speed is disturbed
+RECENT = 15  # probes that make the "recent speed"
 _PROBE_STEPS = 50_000  # one probe: about 3-4 ms of tasks.spin
 
 
@@ -76,20 +82,23 @@ class ForeignLoad:
 
 
 class SpeedProbe:
-    """How fast one core runs now, as a fraction of the fastest this probe has seen."""
+    """How fast one core runs now: against its recent speed, and against its best."""
 
     def __init__(self) -> None:
         self._best = float("inf")
+        self._recent: deque[float] = deque(maxlen=RECENT)
 
-    def speed(self) -> float:
-        """Time the probe loop (best of 3) and compare it with the best time so far."""
+    def measure(self) -> tuple[float, float]:
+        """Time the probe loop (best of 3); (speed vs the recent median, speed vs the best),
+        1.0 meaning as fast."""
         seconds = float("inf")
         for _ in range(3):
             started = time.perf_counter()
             spin(_PROBE_STEPS)
             seconds = min(seconds, time.perf_counter() - started)
+        self._recent.append(seconds)
         self._best = min(self._best, seconds)
-        return self._best / seconds
+        return statistics.median(self._recent) / seconds, self._best / seconds
 
 
 def _machine_busy_seconds() -> float:

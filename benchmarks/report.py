@@ -273,13 +273,14 @@ def _disturbed_words(results: Results) -> str:
     outcomes = results.all_outcomes()
     kept = sum(outcome.disturbed for outcome in outcomes)
     discarded = sum(outcome.discarded for outcome in outcomes)
-    speeds = sorted(outcome.speed for outcome in outcomes) or [1.0]
+    levels = sorted(outcome.speed_level for outcome in outcomes) or [1.0]
     return (
         f"{discarded} run(s) measured again because other processes took more than "
-        f"{noise.NOISY_CORES:g} cores during them or the CPU ran under "
-        f"{noise.SLOW_SPEED:.0%} of its best speed (up to {results.noisy_retries} retries); "
+        f"{noise.NOISY_CORES:g} cores during them or the CPU slowed to under "
+        f"{noise.SLOW_SPEED:.0%} of its recent speed (up to {results.noisy_retries} retries); "
         f"{kept} of {len(outcomes)} kept runs were still disturbed. CPU speed around the kept "
-        f"runs: median {statistics.median(speeds):.0%}, lowest {speeds[0]:.0%} of the best seen"
+        f"runs (one-core probe): median {statistics.median(levels):.0%}, lowest "
+        f"{levels[0]:.0%} of the fastest probe of the run"
     )
 
 
@@ -341,8 +342,9 @@ def _method(results: Results) -> str:
   `getrusage`), and it times a short loop before and after the run: a virtual machine's cores
   can slow down with no guest process to blame. A run during which others took more than
   {noise.NOISY_CORES:g} cores, or around which the CPU ran under {noise.SLOW_SPEED:.0%} of its
-  best speed, is measured again, up to {results.noisy_retries} times. *Machine* above says how
-  often each happened.
+  recent speed, is measured again, up to {results.noisy_retries} times (a slow period that
+  lasts hits every contender alike and is only reported). *Machine* above says how often each
+  happened.
 - **Hangs and crashes** are results: every run has a hard limit of {results.timeout:.0f} s, after
   which its whole process tree is killed and the row says `timeout`. A process of a run still
   alive {runner.LEAK_GRACE_S:.0f} s after the run ended is killed and reported as left behind.

@@ -65,7 +65,8 @@ class Outcome:
     busy_before: float = 0.0  # % of all CPUs busy just before the run (other processes)
     settled: bool = True  # whether the machine was quiet when the run started
     foreign_cores: float = 0.0  # cores other processes took during the run
-    speed: float = 1.0  # the CPU's speed around the run (lower of before and after), 1 = best
+    speed: float = 1.0  # the CPU's speed around the run vs its recent speed (lower of 2 probes)
+    speed_level: float = 1.0  # the same vs the fastest probe of the benchmark run
     discarded: int = 0  # disturbed attempts thrown away before this one
 
     @property
@@ -103,7 +104,7 @@ def child_env(token: str, code: Path = ROOT) -> dict[str, str]:
 def run_one(spec: dict[str, Any], settings: Settings, *, measure_memory: bool) -> Outcome:
     """Run one measurement in a fresh subprocess (see the module docstring)."""
     busy, settled = noise.wait_quiet(settings.settle)
-    speed_before = settings.probe.speed()
+    speed_before = settings.probe.measure()
     token = uuid.uuid4().hex
     with tempfile.TemporaryDirectory(prefix="bench-run-") as tmp:
         spec_path, result_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
@@ -135,7 +136,7 @@ def run_one(spec: dict[str, Any], settings: Settings, *, measure_memory: bool) -
             written, tail = sink.finish()
         proctree.reap_orphans()
         foreign_cores = foreign.stop()
-        speed = min(speed_before, settings.probe.speed())
+        speed_after = settings.probe.measure()
         result = _read_json(result_path)
     return _outcome(
         spec,
@@ -150,7 +151,8 @@ def run_one(spec: dict[str, Any], settings: Settings, *, measure_memory: bool) -
         busy=busy,
         settled=settled,
         foreign_cores=foreign_cores,
-        speed=speed,
+        speed=min(speed_before[0], speed_after[0]),
+        speed_level=min(speed_before[1], speed_after[1]),
     )
 
 
@@ -194,6 +196,7 @@ def _outcome(
     settled: bool,
     foreign_cores: float,
     speed: float,
+    speed_level: float,
 ) -> Outcome:
     common: dict[str, Any] = {
         "contender": spec["contender"],
@@ -205,6 +208,7 @@ def _outcome(
         "settled": settled,
         "foreign_cores": foreign_cores,
         "speed": speed,
+        "speed_level": speed_level,
     }
     if timed_out:
         return Outcome(status="timeout", message=f"no result after {timeout:g} s", **common)
