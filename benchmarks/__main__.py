@@ -28,7 +28,7 @@ from typing import Any
 
 from benchmarks import proctree, report, runner, source, workloads
 from benchmarks import results as saved
-from benchmarks.contenders import CONTENDERS, DEFAULT
+from benchmarks.contenders import CLUSTER_MAX_RUNS, CLUSTER_WORKLOADS, CONTENDERS, DEFAULT
 from benchmarks.machine import describe_machine, load_average, usable_cpus
 
 __all__ = ["Config", "main", "measure", "parse_args"]
@@ -72,7 +72,11 @@ def parse_args(argv: list[str] | None = None) -> Config:
     parser.add_argument(
         "--contenders",
         default=",".join(DEFAULT),
-        help=f"comma-separated, from {', '.join(CONTENDERS)} (default: all but mt-track)",
+        help=(
+            f"comma-separated, from {', '.join(CONTENDERS)} (default: all but mt-track; "
+            f"the cluster backends multitrack-ray and multitrack-dask run on "
+            f"{','.join(CLUSTER_WORKLOADS)} only, at most {CLUSTER_MAX_RUNS} runs each)"
+        ),
     )
     parser.add_argument("--workers", type=int, default=usable_cpus(), help="default: usable CPUs")
     parser.add_argument("--bars", choices=("log", "tty"), default="log", help="where bars draw")
@@ -215,22 +219,25 @@ class _Session:
         args = self.args
         params = workloads.plan(key, quick=args.quick, workdir=workdir, spin_s=spin_s)
         memory = workloads.WORKLOADS[key].measures_memory
+        names = _taking_part(args.names, key, args.repeat)
         jobs = [
             (_spec(name, key, params, args.workers, "map"), memory)
             for repeat in range(args.repeat)
-            for name in runner.rotate(args.names, repeat)
+            for name in runner.rotate(names, repeat)
+            if CONTENDERS[name].runs_in(key, repeat, args.repeat)
         ]
-        return saved.WorkloadResult(key, params, args.names, self._run(jobs))
+        return saved.WorkloadResult(key, params, names, self._run(jobs))
 
     def cold(self) -> saved.WorkloadResult:
         """The cold-start probe of every contender that has a lazy map."""
         args = self.args
-        names = tuple(name for name in args.names if CONTENDERS[name].first is not None)
+        names = _taking_part(args.names, "cold", args.cold_runs)
         params = workloads.plan("cold", quick=args.quick, workdir=Path(), spin_s=0.0)
         jobs = [
             (_spec(name, "cold", params, args.workers, "first"), False)
             for repeat in range(args.cold_runs)
             for name in runner.rotate(names, repeat)
+            if CONTENDERS[name].runs_in("cold", repeat, args.cold_runs)
         ]
         return saved.WorkloadResult("cold", params, names, self._run(jobs))
 
@@ -239,13 +246,31 @@ class _Session:
 
 
 def _spec(name: str, key: str, params: dict[str, Any], workers: int, mode: str) -> dict[str, Any]:
-    return {"contender": name, "workload": key, "params": params, "workers": workers, "mode": mode}
+    return {
+        "contender": name,
+        "workload": key,
+        "params": params,
+        "workers": workers,
+        "mode": mode,
+        "own_cpu_seen": CONTENDERS[name].own_cpu_seen,
+    }
+
+
+def _taking_part(names: tuple[str, ...], key: str, runs: int) -> tuple[str, ...]:
+    """The contenders of ``names`` that run at all on workload ``key`` (see ``runs_in``)."""
+    return tuple(
+        name for name in names if any(CONTENDERS[name].runs_in(key, r, runs) for r in range(runs))
+    )
 
 
 def _planned(args: Config) -> int:
-    maps = sum(1 for key in args.keys if key != "cold") * args.repeat * len(args.names)
-    lazy = sum(1 for name in args.names if CONTENDERS[name].first is not None)
-    return maps + (lazy * args.cold_runs if "cold" in args.keys else 0)
+    return sum(
+        CONTENDERS[name].runs_in(key, run, runs)
+        for key in args.keys
+        for runs in [args.cold_runs if key == "cold" else args.repeat]
+        for run in range(runs)
+        for name in args.names
+    )
 
 
 class _Log:

@@ -8,6 +8,14 @@ it (``multitrack-pool`` overrides it: its pool is started, and warmed up, before
 ``first`` is the cold-start probe: seconds from asking for a lazy map to its first result,
 for those that have a lazy form.
 
+The cluster backends (``cluster=True``: multitrack with ``backend="ray"`` or ``"dask"``) are
+not peers: nothing else here runs on a cluster. With no cluster configured, as in the harness,
+each call starts a local one and stops it, inside the timer, as a one-shot script pays it; the
+report puts them in a section of their own. Each of their runs costs a cluster start (Ray
+about 5 s, dask about 1-2 s on the 2-core machine) on top of the work, so they run on
+``CLUSTER_WORKLOADS`` only, at most ``CLUSTER_MAX_RUNS`` times each: all six workloads would
+add about 10 minutes to the default run, these about 5.
+
 Library modules are imported by ``load`` before anything is timed (the child calls it first),
 so import time is not counted for anyone.
 
@@ -31,11 +39,24 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["CONTENDERS", "DEFAULT", "Contender", "process_map_chunksize"]
+__all__ = [
+    "CLUSTER_MAX_RUNS",
+    "CLUSTER_WORKLOADS",
+    "CONTENDERS",
+    "DEFAULT",
+    "Contender",
+    "process_map_chunksize",
+]
 
 Fn = Callable[[Any], Any]
 Call = Callable[[Fn, list[Any], int], list[Any]]
 First = Callable[[Fn, list[Any], int], float]
+
+#: What the cluster backends run on (see the module docstring): per-task overhead, CPU-bound
+#: work, large inputs, and the cold-start probe, which is their start-up alone.
+CLUSTER_WORKLOADS = ("b", "c", "e", "cold")
+#: ... and how many runs each of those measurements gets at most (5 of the 10 cold-start runs).
+CLUSTER_MAX_RUNS = 5
 
 
 @dataclass(frozen=True)
@@ -50,7 +71,23 @@ class Contender:
     first: First | None = None
     peer: bool = True  # counts as "a peer" when picking the best one
     warm: bool = False  # its pool is started before the timer
+    cluster: bool = False  # a cluster backend on one machine: reported apart from the peers
+    own_cpu_seen: bool = True  # its processes' CPU time reaches the runner's getrusage
+    workloads: tuple[str, ...] | None = None  # the keys it runs on ("cold": the probe); None: all
+    max_runs: int | None = None  # at most this many runs per measurement; None: as many as asked
     notes: tuple[str, ...] = field(default=())
+
+    def runs_in(self, key: str, run: int, runs: int) -> bool:
+        """Whether run ``run`` (0-based) of the ``runs`` of workload ``key`` includes it: only
+        on its ``workloads``, and at most ``max_runs`` times, spread evenly over the runs so
+        that drift in the machine's load hits it as it hits the others."""
+        if self.workloads is not None and key not in self.workloads:
+            return False
+        if key == "cold" and self.first is None:
+            return False
+        if self.max_runs is None or self.max_runs >= runs:
+            return True
+        return run in {i * runs // self.max_runs for i in range(self.max_runs)}
 
     def load(self) -> None:
         """Import the library (and its submodules the call uses) now, untimed."""
@@ -91,6 +128,42 @@ def _multitrack_first(fn: Fn, items: list[Any], workers: int) -> float:
     elapsed = time.perf_counter() - started
     _close(results)
     return elapsed
+
+
+def _multitrack_on(backend: str, fn: Fn, items: list[Any], workers: int) -> list[Any]:
+    """``mt.map`` on a cluster backend: with no cluster configured (the harness's children
+    have none) it starts a local one of ``workers`` CPUs and shuts it down before returning,
+    so the timer sees the cluster's start and stop."""
+    import multitrack as mt
+
+    return mt.map(fn, items, workers=workers, backend=backend)
+
+
+def _multitrack_on_first(backend: str, fn: Fn, items: list[Any], workers: int) -> float:
+    import multitrack as mt
+
+    started = time.perf_counter()
+    results = mt.imap(fn, items, workers=workers, backend=backend)
+    next(results)
+    elapsed = time.perf_counter() - started
+    _close(results)  # stops the local cluster, untimed (as the others' pool shutdown here)
+    return elapsed
+
+
+def _multitrack_ray(fn: Fn, items: list[Any], workers: int) -> list[Any]:
+    return _multitrack_on("ray", fn, items, workers)
+
+
+def _multitrack_ray_first(fn: Fn, items: list[Any], workers: int) -> float:
+    return _multitrack_on_first("ray", fn, items, workers)
+
+
+def _multitrack_dask(fn: Fn, items: list[Any], workers: int) -> list[Any]:
+    return _multitrack_on("dask", fn, items, workers)
+
+
+def _multitrack_dask_first(fn: Fn, items: list[Any], workers: int) -> float:
+    return _multitrack_on_first("dask", fn, items, workers)
 
 
 def _timed_warm_pool(fn: Fn, items: list[Any], workers: int) -> tuple[float, list[Any]]:
@@ -345,6 +418,40 @@ _ALL = (
         ("mmengine.utils",),
         _mmengine,
         notes=("multiprocessing.Pool.imap, chunksize 1, fork",),
+    ),
+    Contender(
+        "multitrack-ray",
+        'mt.map(fn, items, workers=N, backend="ray")',
+        "as multitrack",
+        ("multitrack", "multitrack._api", "multitrack.backends._ray"),
+        _multitrack_ray,
+        _multitrack_ray_first,
+        peer=False,
+        cluster=True,
+        workloads=CLUSTER_WORKLOADS,
+        max_runs=CLUSTER_MAX_RUNS,
+        own_cpu_seen=False,  # the raylet ignores SIGCHLD: its workers' CPU time is dropped
+        notes=(
+            "a local Ray instance of N CPUs, started (ray.init) and shut down inside the timed "
+            "call, as a one-shot script pays it; chunks of about 50 ms of work as Ray tasks",
+        ),
+    ),
+    Contender(
+        "multitrack-dask",
+        'mt.map(fn, items, workers=N, backend="dask")',
+        "as multitrack",
+        ("multitrack", "multitrack._api", "multitrack.backends._dask"),
+        _multitrack_dask,
+        _multitrack_dask_first,
+        peer=False,
+        cluster=True,
+        workloads=CLUSTER_WORKLOADS,
+        max_runs=CLUSTER_MAX_RUNS,
+        notes=(
+            "a dask LocalCluster of N single-threaded worker processes (spawned), started and "
+            "closed inside the timed call, as a one-shot script pays it; chunks of about 50 ms "
+            "of work as dask tasks",
+        ),
     ),
 )
 

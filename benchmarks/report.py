@@ -12,6 +12,10 @@ Column meanings (also written into the report):
 * **speedup vs loop**: the loop's time over the row's; **efficiency**: speedup / workers.
 * **/ multitrack**: the row's time over multitrack's (above 1: multitrack is faster).
 * **bar output**: bytes the run wrote to stdout and stderr (its bar, in a log).
+
+multitrack's cluster backends (``Contender.cluster``) are kept out of the per-workload tables,
+the summary's comparison and the cold-start table: they get a section of their own
+(``_cluster_section``), next to multitrack's default process backend.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import statistics
 from collections.abc import Callable, Sequence
 
 from benchmarks import noise, proctree, runner
-from benchmarks.contenders import CONTENDERS, process_map_chunksize
+from benchmarks.contenders import CLUSTER_MAX_RUNS, CONTENDERS, process_map_chunksize
 from benchmarks.results import Results, WorkloadResult
 from benchmarks.stats import Row, best_peer, find
 from benchmarks.workloads import describe, ideal_fraction
@@ -41,6 +45,7 @@ def render(results: Results) -> str:
         _contenders(results),
         *(_workload_section(w, results.workers) for w in results.workloads),
         _cold_section(results.cold),
+        _cluster_section(results),
         _problems(results),
     ]
     return "\n\n".join(part.rstrip() for part in parts if part) + "\n"
@@ -79,6 +84,15 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
+def _is_cluster(row: Row) -> bool:
+    return CONTENDERS[row.contender].cluster
+
+
+def _not_cluster(rows: Sequence[Row]) -> list[Row]:
+    """The rows of the peer comparison: all but the cluster backends'."""
+    return [row for row in rows if not _is_cluster(row)]
+
+
 def _label(name: str) -> str:
     if name == "multitrack-pool":
         return "multitrack, **reused** `mt.Pool` (start-up not timed)"
@@ -106,7 +120,9 @@ def _title(results: Results) -> str:
 multitrack against a plain for-loop and the libraries people reach for instead, on the six
 workloads of issue #4: the same task functions, the same number of workers, each run in a fresh
 process, bars on where the library has one. Regenerate with
-`python -m benchmarks --write docs/benchmarks.md` (needs `pip install -e ".[bench]"`).
+`python -m benchmarks --write docs/benchmarks.md` (needs `pip install -e ".[bench,dask,ray]"`).
+multitrack's cluster backends, `backend="ray"` and `backend="dask"`, run on this one machine too,
+in a section of their own: they are not compared with the peers.
 
 This report: `{results.command}`: {results.repeat} repeat(s) of every measurement,
 {results.workers} workers, bars to {_bars_words(results.bars)}; the run took {results.duration}.
@@ -143,6 +159,9 @@ def _summary(results: Results) -> str:
     ]
     if results.cold is not None:
         text += ["", _cold_sentence(results.cold)]
+    cluster = _cluster_sentence(results)
+    if cluster:
+        text += ["", cluster]
     return "\n".join(text)
 
 
@@ -198,7 +217,7 @@ def _also(result: WorkloadResult, workers: int) -> str:
         if ideal is not None and peer is not None and peer.median_s is not None:
             peer_ideal = peer.median_s / ideal
         return f"{_x(mt_ideal)}x the ideal {_s(ideal)} s (best peer {_x(peer_ideal)}x)"
-    lowest = min((r for r in rows if r.peak_mb is not None), key=_peak, default=None)
+    lowest = min((r for r in _not_cluster(rows) if r.peak_mb is not None), key=_peak, default=None)
     return (
         f"peak {_mb(mt.peak_mb)} MB (best peer {_mb(peer.peak_mb if peer else None)}, "
         f"lowest {_mb(lowest.peak_mb if lowest else None)}: {lowest.contender if lowest else ''})"
@@ -316,7 +335,9 @@ def _method(results: Results) -> str:
   result and stopping it, as a script that runs one map pays it. The only exception is the row
   labelled *reused `mt.Pool`*, whose pool is started and warmed up (one small map) before the
   timer; it shows what start-up costs multitrack and is not compared with anyone. joblib keeps
-  its workers alive after the call for reuse, so its shutdown is not in its time.
+  its workers alive after the call for reuse, so its shutdown is not in its time. The cluster
+  backends' rows include starting and stopping a local cluster (see *Cluster backends on one
+  machine*).
 - **Repeats, interleaved.** {results.repeat} repeat(s); within a workload the contenders run
   round robin, the first one rotating each repeat, so slow drift in the machine's load hits
   everyone alike. Tables show the median and the min-max.
@@ -358,8 +379,9 @@ def _method(results: Results) -> str:
   warns that its default of 1 is slow: {process_map_chunksize(200_000, results.workers):,} for
   200,000 items on {results.workers} workers. Everyone else runs with their defaults.
 
-Sizes (chosen so the default run takes about 15 minutes on a quiet 2-core machine; waiting for
-quiet and re-measuring disturbed runs make it longer on a shared one):
+Sizes (chosen so the default run takes about 15 minutes on a quiet 2-core machine, plus about 5
+for the cluster backends' rows; waiting for quiet and re-measuring disturbed runs make it longer
+on a shared one):
 
 {sizes}
 
@@ -388,7 +410,7 @@ def _contenders(results: Results) -> str:
 
 
 def _workload_section(result: WorkloadResult, workers: int) -> str:
-    w, rows = result.workload, result.rows
+    w, rows = result.workload, _not_cluster(result.rows)
     loop, mt = find(rows, "loop"), find(rows, "multitrack")
     extra_header, extra = _extra_columns(result, workers)
     header = [
@@ -458,8 +480,9 @@ def _extra_columns(
 
 
 def _cold_sentence(cold: WorkloadResult) -> str:
-    mt = find(cold.rows, "multitrack")
-    others = [r for r in cold.rows if r.contender != "multitrack" and r.median_s is not None]
+    rows = _not_cluster(cold.rows)
+    mt = find(rows, "multitrack")
+    others = [r for r in rows if r.contender != "multitrack" and r.median_s is not None]
     if mt is None or mt.median_s is None:
         return "Cold start: multitrack gave no first result (see below)."
     compare = ", ".join(f"{r.contender} {(r.median_s or 0) * 1000:.0f} ms" for r in others)
@@ -481,7 +504,7 @@ def _cold_section(cold: WorkloadResult | None) -> str:
             else f"{row.min_s * 1000:.0f}{RANGE}{(row.max_s or 0) * 1000:.0f}",
             f"{row.ok}/{row.runs}" + (f" ({row.failures})" if row.failures else ""),
         ]
-        for row in cold.rows
+        for row in _not_cluster(cold.rows)
     ]
     return (
         "## Cold start: from `imap(...)` to the first result\n\n"
@@ -489,6 +512,140 @@ def _cold_section(cold: WorkloadResult | None) -> str:
         "the call that creates the pool (or `mt.imap`) to the first result, which is what a "
         "user waits before anything happens. Libraries imported beforehand.\n\n"
         + _table(["contender", "median ms", "min-max ms", "runs ok"], body)
+    )
+
+
+def _groups(results: Results) -> list[WorkloadResult]:
+    return [*results.workloads, *([results.cold] if results.cold else [])]
+
+
+def _group_label(result: WorkloadResult) -> str:
+    if result.key == "cold":
+        return "cold start: to the first result"
+    return f"({result.key}) {result.workload.name}"
+
+
+def _cluster_sentence(results: Results) -> str:
+    """One line of the summary: the cluster backends on one workload, against multitrack."""
+    timed = [w for w in results.workloads if any(_is_cluster(r) for r in w.rows)]
+    if not timed:
+        return ""
+    shown = next((w for w in timed if w.key == "c"), timed[0])
+    mt = find(shown.rows, "multitrack")
+    words = ", ".join(
+        f"{row.contender} {_s(row.median_s)} s ({_x(row.ratio_to(mt))}x multitrack's)"
+        for row in shown.rows
+        if _is_cluster(row)
+    )
+    return (
+        f"multitrack's cluster backends on this one machine, where each call starts and stops "
+        f"a local cluster, are shown apart (*Cluster backends on one machine*). On "
+        f"{_group_label(shown)}: {words}, against {_s(mt.median_s if mt else None)} s for "
+        f"multitrack's default process backend."
+    )
+
+
+def _cluster_section(results: Results) -> str:
+    groups = [w for w in _groups(results) if any(_is_cluster(r) for r in w.rows)]
+    if not groups:
+        return ""
+    header = [
+        "workload",
+        "contender",
+        "median s",
+        "min-max s",
+        "speedup vs loop",
+        "/ multitrack",
+        "runs ok",
+        "peak MB",
+    ]
+    body = [line for result in groups for line in _cluster_rows(result)]
+    return (
+        "## Cluster backends on one machine\n\n"
+        + _cluster_words(results, groups)
+        + "\n\n"
+        + _table(header, body)
+    )
+
+
+def _cluster_rows(result: WorkloadResult) -> list[list[str]]:
+    """multitrack's row (the process backend), then the cluster backends' rows."""
+    rows = result.rows
+    loop, mt = find(rows, "loop"), find(rows, "multitrack")
+    cold = result.key == "cold"
+    return [
+        [
+            _group_label(result),
+            "**multitrack** (process backend)" if row is mt else row.contender,
+            _time_cell(row),
+            DASH if row.min_s is None else f"{_s(row.min_s)}{RANGE}{_s(row.max_s)}",
+            DASH if cold else _x(row.speedup(loop)),
+            _x(row.ratio_to(mt)),
+            _runs(row),
+            _mb(row.peak_mb),
+        ]
+        for row in [*([mt] if mt else []), *(r for r in rows if _is_cluster(r))]
+    ]
+
+
+def _runs(row: Row) -> str:
+    return f"{row.ok}/{row.runs}" + (f" ({row.failures})" if row.failures else "")
+
+
+def _cluster_words(results: Results, groups: list[WorkloadResult]) -> str:
+    return f"""`backend="ray"` and `backend="dask"` run the same `mt.map` call on a Ray or dask
+cluster (`docs/distributed.md`). No cluster is configured here, so each call starts a local one
+on this machine, with {results.workers} workers, and shuts it down before it returns: the timer
+includes both, which is what a one-shot script pays. That is not what these backends are for (a
+cluster of several machines, or an `mt.Pool(backend=...)` that starts the cluster once for many
+calls), and no peer runs on a cluster, so they are left out of the tables above and of "best
+peer": this table shows what choosing them costs on one machine, next to multitrack with its
+default process backend. **/ multitrack** is the row's time over that (above 1: the process
+backend is faster).{_startup_words(results)}{_limit_words(results, groups)} A Ray run is
+measured again only when the CPU slowed down, not for other processes' load: Ray's raylet ignores
+`SIGCHLD`, so its workers' CPU time never reaches the runner's `getrusage` and cannot be told
+from other processes'."""
+
+
+def _startup_words(results: Results) -> str:
+    cold = results.cold
+    if cold is None or not any(_is_cluster(r) for r in cold.rows):
+        return ""
+    starts = ", ".join(f"{r.contender} {_s(r.median_s)} s" for r in cold.rows if _is_cluster(r))
+    mt = find(cold.rows, "multitrack")
+    return (
+        f" Start-up alone, from `mt.imap(..., backend=...)` to its first result (the cold-start "
+        f"rows): {starts}, against {_s(mt.median_s if mt else None)} s for the process backend; "
+        "stopping the cluster comes on top in the timed maps."
+    )
+
+
+def _limit_words(results: Results, groups: list[WorkloadResult]) -> str:
+    """Why the cluster backends have fewer rows and runs than the others, when they do."""
+    ran = {w.key for w in groups}
+    skipped = [f"({w.key})" for w in results.workloads if w.key not in ran]
+    fewer = any(
+        row.runs < max((r.runs for r in _not_cluster(w.rows)), default=0)
+        for w in groups
+        for row in w.rows
+        if _is_cluster(row)
+    )
+    limits = []
+    if skipped:
+        where = [f"({w.key})" if w.key != "cold" else "the cold-start probe" for w in groups]
+        listed = ", ".join(where[:-1]) + " and " + where[-1] if len(where) > 1 else where[0]
+        limits.append(f"they ran on {listed} only, not on {', '.join(skipped)}")
+    if fewer:
+        limits.append(
+            f"with at most {CLUSTER_MAX_RUNS} runs per measurement, fewer than the others (see "
+            "*runs ok*; a median of fewer runs is rougher)"
+        )
+    if not limits:
+        return ""
+    return (
+        "\n\nEvery one of their runs starts a cluster (several seconds for Ray), so on all "
+        "workloads with all repeats they would add about 10 minutes to the default run on the "
+        "2-core development machine; to keep that to about 5, " + ", ".join(limits) + "."
     )
 
 

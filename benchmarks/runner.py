@@ -68,11 +68,17 @@ class Outcome:
     speed: float = 1.0  # the CPU's speed around the run vs its recent speed (lower of 2 probes)
     speed_level: float = 1.0  # the same vs the fastest probe of the benchmark run
     discarded: int = 0  # disturbed attempts thrown away before this one
+    own_cpu_seen: bool = True  # False: part of the run's own CPU counts in foreign_cores
 
     @property
     def disturbed(self) -> bool:
-        """Other processes took CPU during the run, or the CPU ran slow (``benchmarks.noise``)."""
-        return self.foreign_cores > noise.NOISY_CORES or self.speed < noise.SLOW_SPEED
+        """Other processes took CPU during the run, or the CPU ran slow (``benchmarks.noise``).
+
+        Other processes' load is judged only when the run's own CPU time can be told apart
+        from it (``own_cpu_seen``): Ray's raylet ignores ``SIGCHLD``, so the CPU time of its
+        workers never reaches ``getrusage`` and would count as someone else's."""
+        foreign = self.own_cpu_seen and self.foreign_cores > noise.NOISY_CORES
+        return foreign or self.speed < noise.SLOW_SPEED
 
 
 @dataclass(frozen=True)
@@ -209,6 +215,7 @@ def _outcome(
         "foreign_cores": foreign_cores,
         "speed": speed,
         "speed_level": speed_level,
+        "own_cpu_seen": bool(spec.get("own_cpu_seen", True)),
     }
     if timed_out:
         return Outcome(status="timeout", message=f"no result after {timeout:g} s", **common)

@@ -12,8 +12,14 @@ from pathlib import Path
 # `benchmarks` lives at the repository root, beside `src`: importable under bare `pytest` too
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import tasks, workloads
-from benchmarks.runner import ROOT, rotate
+from benchmarks import report, tasks, workloads
+from benchmarks.contenders import CLUSTER_MAX_RUNS, CONTENDERS, DEFAULT
+from benchmarks.machine import Machine
+from benchmarks.results import Results, WorkloadResult
+from benchmarks.runner import ROOT, Outcome, rotate
+from benchmarks.stats import best_peer
+
+CLUSTER = ("multitrack-ray", "multitrack-dask")
 
 
 def test_quick_run_writes_a_table_with_a_time_per_contender(tmp_path: Path) -> None:
@@ -65,3 +71,48 @@ def test_ideal_is_the_makespan_lower_bound() -> None:
 def test_round_robin_rotates_the_first_contender() -> None:
     names = ("a", "b", "c")
     assert [rotate(names, r)[0] for r in range(4)] == ["a", "b", "c", "a"]
+
+
+def test_cluster_backends_are_default_contenders_but_not_peers() -> None:
+    for name in CLUSTER:
+        contender = CONTENDERS[name]
+        assert name in DEFAULT
+        assert contender.cluster and not contender.peer and contender.first is not None
+        assert f'backend="{name.split("-")[1]}"' in contender.code
+        assert any("timed" in note for note in contender.notes)  # start-up is in the time
+    assert not CONTENDERS["multitrack"].cluster
+
+
+def test_cluster_backends_run_on_a_few_workloads_and_runs_spread_over_the_run() -> None:
+    ray = CONTENDERS["multitrack-ray"]
+    assert ray.runs_in("c", 0, 5) and not ray.runs_in("a", 0, 5)
+    taken = [run for run in range(10) if ray.runs_in("cold", run, 10)]
+    assert taken == [0, 2, 4, 6, 8] and len(taken) == CLUSTER_MAX_RUNS
+    assert all(CONTENDERS["pool-map"].runs_in("a", run, 10) for run in range(10))
+    assert not CONTENDERS["pool-map"].runs_in("cold", 0, 10)  # no lazy map, no cold start
+
+
+def _outcomes(name: str, seconds: float, runs: int = 3) -> list[Outcome]:
+    return [Outcome(name, "c", "ok", seconds=seconds) for _ in range(runs)]
+
+
+def test_report_shows_cluster_backends_apart_against_multitrack() -> None:
+    # a cluster backend faster than every peer still is neither the best peer nor in the table
+    names = ("loop", "multitrack", "pool-map", "multitrack-ray")
+    outcomes = (
+        *_outcomes("loop", 4.0),
+        *_outcomes("multitrack", 2.0),
+        *_outcomes("pool-map", 2.5),
+        *_outcomes("multitrack-ray", 1.0, runs=2),
+    )
+    cpu = WorkloadResult("c", {"iterations": [10] * 20}, names, outcomes)
+    machine = Machine("cpu", 2, 2, 1.0, "os", "3.11", "fork", {}, "today", "0")
+    results = Results(machine, "cmd", 3, 2, "log", True, 60.0, 0.0, 0, "1m", (cpu,), None)
+    peer = best_peer(cpu.rows)
+    assert peer is not None and peer.contender == "pool-map"
+    text = report.render(results)
+    peers, cluster = text.split("## Cluster backends on one machine")
+    assert "multitrack-ray" not in peers.split("## (c) cpu")[1]
+    assert "| (c) cpu | multitrack-ray | 1.00 | 1.00\u20131.00 | 4.00 | 0.50 | 2/2 |" in cluster
+    assert "**multitrack** (process backend) | 2.00" in cluster
+    assert "fewer than the others" in cluster  # 2 runs where the peers had 3: said why
