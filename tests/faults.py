@@ -202,3 +202,18 @@ def sleep_and_log(task: tuple[int, float], log_dir: str) -> int:
     with open(os.path.join(log_dir, f"{index}-{os.getpid()}-{time.monotonic_ns()}"), "w"):
         pass
     return index
+
+
+def fail_on_multiples(x: int, of: int = 7) -> int:
+    if x % of == 0:
+        raise ValueError(f"{x} is a multiple of {of}")
+    return x
+
+
+def wait_for_file(x: int, path: str, seconds: float = 30.0) -> int:
+    """Task 1 waits until ``path`` exists (the test creates it once it saw task 0's
+    result); any other task returns at once."""
+    deadline = time.monotonic() + seconds
+    while x == 1 and not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return x

@@ -97,6 +97,41 @@ def test_errors_return_keeps_going(backend: str) -> None:
     assert isinstance(got[3], mt.TaskError) and got[3].index == 3
 
 
+@pytest.mark.parametrize("ordered", [True, False])
+def test_failures_inside_big_chunks_keep_every_other_result(backend: str, ordered: bool) -> None:
+    # Results travel and are stored per span of a chunk; failures split the span.
+    got = mt.map(
+        faults.fail_on_multiples,
+        range(200),
+        backend=backend,
+        workers=2,
+        chunksize=50,
+        ordered=ordered,
+        errors="return",
+    )
+    failed = [g for g in got if isinstance(g, mt.TaskError)]
+    assert sorted(error.index for error in failed) == list(range(0, 200, 7))
+    values = [g for g in got if not isinstance(g, mt.TaskError)]
+    expected = [i for i in range(200) if i % 7]
+    assert (values if ordered else sorted(values)) == expected
+    if ordered:
+        assert all(got[error.index] is error for error in failed)
+
+
+@pytest.mark.timeout(20)
+def test_a_long_chunk_reports_what_it_finished_before_it_ends(tmp_path: Any) -> None:
+    # Task 1 waits until the caller has seen task 0's result, which must therefore come back
+    # while its chunk still runs (else this waits 30 s and times out).
+    import functools
+
+    release = tmp_path / "release"
+    job = functools.partial(faults.wait_for_file, path=str(release))
+    results = mt.imap(job, range(3), workers=1, chunksize=3)
+    assert next(results) == 0
+    release.touch()
+    assert list(results) == [1, 2]
+
+
 def test_task_of_several_arguments_is_their_tuple(backend: str) -> None:
     def divide(a: int, b: int) -> float:
         return a / b

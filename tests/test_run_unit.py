@@ -13,7 +13,15 @@ import pytest
 from multitrack._chunks import MAX_CHUNK, TARGET_SECONDS, ChunkSizer
 from multitrack._errors import TaskError, TaskTimeout, WorkerCrashed
 from multitrack._run import MAX_BYSTANDER_REQUEUES, Policy, Run
-from multitrack.backends._base import Backend, Chunk, Completed, Event, Lost, Output, Running
+from multitrack.backends._base import (
+    Backend,
+    Chunk,
+    Event,
+    Lost,
+    Output,
+    Running,
+    completed_from_outcomes,
+)
 
 
 class FakeClock:
@@ -49,7 +57,7 @@ class FakeBackend(Backend):
         self.closed = False
         self.next_pid = 100
 
-    def begin(self, fn: Callable[..., Any], output: Output) -> None:
+    def begin(self, fn: Callable[[Any], Any], output: Output, *, timed: bool = False) -> None:
         self.fn = fn
 
     def capacity(self) -> int:
@@ -68,31 +76,33 @@ class FakeBackend(Backend):
         for worker, queue in self.queues.items():
             if queue and worker not in self.hung:
                 events.extend(self._run(worker, queue))
+        if not events and timeout is None:
+            raise AssertionError("poll(None) with nothing to report: a real wait never ends")
         if not events and timeout is not None:
             self.clock.now += timeout  # nothing happens until the wait runs out
         return events
 
     def _run(self, worker: int, queue: list[Chunk]) -> list[Event]:
         chunk = queue[0]
-        outcomes = []
-        for position, (index, args) in enumerate(zip(chunk.indices, chunk.args, strict=True)):
-            kind = args[0][0]
+        outcomes: list[tuple[int, bool, Any]] = []
+        for position, args in enumerate(chunk.args):
+            kind = args[0]
             if kind == Script.HANG:
                 self.hung[worker] = (chunk, position, self.clock.now)
-                return [Completed(chunk.id, outcomes, 0.0)] if outcomes else []
+                return list(completed_from_outcomes(chunk.id, outcomes, 0.0))
             if kind in (Script.CRASH, Script.DIE_BETWEEN):
                 running = (chunk.id, position) if kind == Script.CRASH else None
                 lost = Lost(worker, [c.id for c in queue], running, -9, self.next_pid)
                 self.next_pid += 1
                 queue.clear()
-                return [Completed(chunk.id, outcomes, 0.0), lost]
+                return [*completed_from_outcomes(chunk.id, outcomes, 0.0), lost]
             self.clock.now += self.seconds
             if kind == Script.RAISE:
-                outcomes.append((index, False, args[0][1]))
+                outcomes.append((position, False, args[1]))
             else:
-                outcomes.append((index, True, self.fn(*args)))
+                outcomes.append((position, True, self.fn(args)))
         queue.pop(0)
-        return [Completed(chunk.id, outcomes, self.seconds * len(outcomes))]
+        return list(completed_from_outcomes(chunk.id, outcomes, self.seconds * len(outcomes)))
 
     def running(self) -> list[Running]:
         return [Running(w, c.id, p, t) for w, (c, p, t) in self.hung.items()]
@@ -167,13 +177,13 @@ def make_run(
     run = Run(
         backend,
         value_of,
-        ((item,) for item in inputs),
+        iter(inputs),
         total=total,
         ordered=ordered,
         sizer=ChunkSizer(fixed=chunksize, slots=backend.slots),
         policy=Policy(**policy),
         progress=progress,  # type: ignore[arg-type]
-        describe=lambda args: args[0],
+        describe=lambda arg: arg,
         max_ahead=max_ahead,
         owns_backend=True,
         clock=clock,
@@ -280,13 +290,13 @@ def test_retries_rerun_failures_and_count_attempts() -> None:
 
     def as_outcomes(worker: int, queue: list[Chunk]) -> list[Event]:
         chunk = queue.pop(0)
-        outcomes = []
-        for index, args in zip(chunk.indices, chunk.args, strict=True):
+        outcomes: list[tuple[int, bool, Any]] = []
+        for position, args in enumerate(chunk.args):
             try:
-                outcomes.append((index, True, flaky(*args)))
+                outcomes.append((position, True, flaky(args)))
             except OSError as exc:
-                outcomes.append((index, False, exc))
-        return [Completed(chunk.id, outcomes, 0.0)]
+                outcomes.append((position, False, exc))
+        return list(completed_from_outcomes(chunk.id, outcomes, 0.0))
 
     backend._run = as_outcomes  # type: ignore[method-assign]
     assert list(run) == [0, 1, 2]
@@ -333,6 +343,14 @@ def test_ordered_imap_stops_pulling_when_too_far_ahead_of_a_slow_head() -> None:
     assert isinstance(next(iterator), TaskTimeout)  # released only once the head settles
     assert len(pulled) <= 20 + 4  # intake paused at the bound instead of filling memory
     iterator.close()
+
+
+def test_intake_resumes_when_the_window_was_full_and_all_of_it_finished_at_once() -> None:
+    # The window (max_ahead) is exactly full, and one poll settles every task in flight:
+    # release must reopen intake before the next wait, or nothing is in flight, nothing is
+    # pulled, and the wait never ends (a real hang, seen on 200,000 trivial tasks).
+    run, _, _ = make_run((ok(i) for i in range(40)), max_ahead=4, chunksize=2)
+    assert list(run) == list(range(40))
 
 
 def test_input_is_pulled_lazily() -> None:

@@ -10,7 +10,7 @@ against an in-memory fake backend with a fake clock::
     Run ──running()──▶ what each worker is running and since when (for deadlines)
     Run ──kill(worker)──▶ stop a worker now (timeouts); its chunks come back as Lost
 
-A backend never raises for a task's failure: failures travel inside ``Completed.outcomes`` or
+A backend never raises for a task's failure: failures travel inside ``Completed.errors`` or
 as ``Lost``. It raises only for its own failures (``WorkerStartError``).
 """
 
@@ -21,30 +21,61 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-# One item's outcome as it comes back from a worker: (index, ok, value-or-exception).
+# One item's outcome by its position in its chunk: (position, ok, value-or-exception).
 Outcome = tuple[int, bool, Any]
 
 
 @dataclass(slots=True)
 class Chunk:
-    """A batch of tasks sent to one worker at once. ``args[k]`` are the arguments of
-    ``indices[k]``."""
+    """A batch of tasks sent to one worker at once. ``args[k]`` are the arguments of task
+    ``indices[k]``; ``k`` is the task's *position* in the chunk. Fresh tasks make a ``range``
+    of indices (their results are then stored and released as one slice)."""
 
     id: int
-    indices: list[int]
-    args: list[tuple[Any, ...]]
+    indices: Sequence[int]
+    args: list[Any]  # one argument per task (several travel as a tuple; see ``Spread``)
 
 
 @dataclass(slots=True)
 class Completed:
-    """Some items of a chunk finished (successfully or with an exception).
+    """Positions ``first``, ``first + 1``, ... of a chunk finished, one per entry of
+    ``values``; where an offset is in ``errors`` that item raised, and ``errors[offset]`` is
+    the exception (its ``values`` entry is a placeholder).
 
-    ``busy_seconds`` is the time the worker spent running exactly these items; it feeds the
-    automatic chunk size."""
+    Results travel as a list, not an event per item: the scheduler stores and releases them as
+    slices, which is what keeps its cost per task near zero on tiny tasks. ``busy_seconds`` is
+    the time the worker spent running exactly these items; it feeds the automatic chunk size."""
 
     chunk_id: int
-    outcomes: list[Outcome]
+    first: int
+    values: list[Any]
+    errors: dict[int, BaseException]
     busy_seconds: float
+
+    @classmethod
+    def failure(cls, chunk_id: int, position: int, error: BaseException) -> Completed:
+        """One item that failed on its own (say, its arguments could not be sent)."""
+        return cls(chunk_id, position, [None], {0: error}, 0.0)
+
+
+def completed_from_outcomes(
+    chunk_id: int, outcomes: Sequence[Outcome], busy_seconds: float
+) -> list[Completed]:
+    """Events for outcomes given item by item, in any order: one per run of consecutive
+    positions, with the busy time shared out by item count."""
+    events: list[Completed] = []
+    ordered = sorted(outcomes, key=lambda outcome: outcome[0])
+    share = busy_seconds / len(ordered) if ordered else 0.0
+    for position, ok, value in ordered:
+        last = events[-1] if events else None
+        if last is None or last.first + len(last.values) != position:
+            last = Completed(chunk_id, position, [], {}, 0.0)
+            events.append(last)
+        if not ok:
+            last.errors[len(last.values)] = value
+        last.values.append(value if ok else None)
+        last.busy_seconds += share
+    return events
 
 
 @dataclass(slots=True)
@@ -65,11 +96,11 @@ class Lost:
 
 @dataclass(slots=True)
 class Returned:
-    """A worker handed back the tasks of a chunk it had not started (after ``give_back``);
-    they are to be run again elsewhere, with no attempt used."""
+    """A worker handed back the tasks of a chunk it had not started, from position ``first``
+    on (after ``give_back``); they are to be run again elsewhere, with no attempt used."""
 
     chunk_id: int
-    indices: list[int]
+    first: int
 
 
 Event = Completed | Lost | Returned
@@ -99,9 +130,11 @@ class Backend(ABC):
     can_kill: bool = False
 
     @abstractmethod
-    def begin(self, fn: Callable[..., Any], output: Output) -> None:
-        """Prepare for a call: start workers if needed and ship ``fn`` to them. Raises
-        ``TypeError`` when ``fn`` cannot be sent to the workers."""
+    def begin(self, fn: Callable[[Any], Any], output: Output, *, timed: bool = False) -> None:
+        """Prepare for a call: start workers if needed and ship ``fn`` (called with one
+        argument per task) to them. ``timed``: the call has per-task deadlines, so
+        ``running`` must know when each task started. Raises ``TypeError`` when ``fn`` cannot
+        be sent to the workers."""
 
     @abstractmethod
     def capacity(self) -> int:

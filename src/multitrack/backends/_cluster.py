@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from multitrack.backends import _wire
-from multitrack.backends._base import Chunk, Completed, Outcome
+from multitrack.backends._base import Chunk, Completed, Outcome, completed_from_outcomes
 
 # Worker side: functions of recent calls by call key (a pool reuses workers across calls).
 _LOADED: dict[str, Callable[..., Any]] = {}
@@ -168,7 +168,7 @@ def _run(shipment: bytes, args: Any) -> Iterator[bytes]:
         begun = clock()
         for position, call in zip(positions, calls, strict=True):
             try:
-                values.append((position, fn(*call)))
+                values.append((position, fn(call)))
             except BaseException as exc:  # SystemExit, KeyboardInterrupt too: its failure
                 errors[position] = _wire.pack_error(exc)
                 values.append((position, None))
@@ -330,23 +330,16 @@ def emit_output(output: Sequence[tuple[str, str]], sink: Callable[[str, str], No
             sink(text if text.endswith("\n") else text + "\n", stream)
 
 
-def with_indices(
-    indices: Sequence[int], outcomes: Sequence[tuple[int, bool, Any]]
-) -> list[Outcome]:
-    """Outcomes by chunk position -> outcomes by task index."""
-    return [(indices[position], ok, value) for position, ok, value in outcomes]
-
-
 def on_result(
     engine: str,
     chunk: Chunk,
     data: bytes,
     output: Callable[[str, str], None],
     resend: Callable[[Chunk, Any, list[Outcome]], None],
-) -> Completed | None:
+) -> list[Completed]:
     """Parent side: what a chunk's result message means, the same on every engine.
 
-    ``done``: the outcomes (returned as an event); ``split``: the worker could not unpickle the
+    ``done``: the outcomes (returned as events); ``split``: the worker could not unpickle the
     chunk's arguments, so they are resent one by one (``resend``); otherwise the function or
     its initializer could not run there, which stops the call."""
     from multitrack._errors import WorkerStartError
@@ -356,11 +349,11 @@ def on_result(
     if kind == "done":
         _, outcomes, busy, lines = message
         emit_output(lines, output)
-        return Completed(chunk.id, with_indices(chunk.indices, outcomes), busy)
+        return completed_from_outcomes(chunk.id, outcomes, busy)
     if kind == "split":
         payload, failures = split_args(chunk.args)
         resend(chunk, payload, failures)
-        return None
+        return []
     cause = message[1]
     if kind == "start_error":
         raise WorkerStartError(

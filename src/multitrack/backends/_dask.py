@@ -53,7 +53,15 @@ from typing import Any
 
 from multitrack._errors import WorkerStartError
 from multitrack.backends import _cluster, _wire
-from multitrack.backends._base import Backend, Chunk, Completed, Event, Lost, Output, Running
+from multitrack.backends._base import (
+    Backend,
+    Chunk,
+    Event,
+    Lost,
+    Output,
+    Running,
+    completed_from_outcomes,
+)
 
 # Loaded by name and typed Any: mypy checks this module the same with or without the extra.
 dask: Any = importlib.import_module("dask")
@@ -133,7 +141,7 @@ class DaskBackend(Backend):
 
     # -- call lifecycle -------------------------------------------------------------------
 
-    def begin(self, fn: Callable[..., Any], output: Output) -> None:
+    def begin(self, fn: Callable[[Any], Any], output: Output, *, timed: bool = False) -> None:
         if self._closed:
             raise RuntimeError("this pool is closed")
         self._shipment = _cluster.ship(
@@ -284,8 +292,7 @@ class DaskBackend(Backend):
 
     def _send(self, chunk: Chunk, payload: Any, failures: list[Any]) -> None:
         if failures:
-            outcomes = _cluster.with_indices(chunk.indices, failures)
-            self._events.append(Completed(chunk.id, outcomes, 0.0))
+            self._events.extend(completed_from_outcomes(chunk.id, failures, 0.0))
         failed = {position for position, _, _ in failures}
         positions = [p for p in range(len(chunk.indices)) if p not in failed]
         if not positions:
@@ -448,9 +455,9 @@ class DaskBackend(Backend):
             self._events.append(_lost(flight, killed=False, known=False))
 
     def _on_result(self, flight: _Flight, data: bytes) -> None:
-        event = _cluster.on_result("dask", flight.chunk, data, self._output, self._send)
-        if event is not None:
-            self._events.append(event)
+        self._events.extend(
+            _cluster.on_result("dask", flight.chunk, data, self._output, self._send)
+        )
 
     def _judge_deaths(self) -> None:
         """Report the chunks of dead workers once their ``KilledWorker``s are all in."""

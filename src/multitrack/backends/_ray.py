@@ -46,7 +46,15 @@ from typing import Any
 
 from multitrack._errors import WorkerStartError
 from multitrack.backends import _cluster, _wire
-from multitrack.backends._base import Backend, Chunk, Completed, Event, Lost, Output, Running
+from multitrack.backends._base import (
+    Backend,
+    Chunk,
+    Event,
+    Lost,
+    Output,
+    Running,
+    completed_from_outcomes,
+)
 
 # Loaded by name and typed Any: mypy checks this module the same with or without the extra.
 ray: Any = importlib.import_module("ray")
@@ -116,7 +124,7 @@ class RayBackend(Backend):
 
     # -- call lifecycle -------------------------------------------------------------------
 
-    def begin(self, fn: Callable[..., Any], output: Output) -> None:
+    def begin(self, fn: Callable[[Any], Any], output: Output, *, timed: bool = False) -> None:
         if self._closed:
             raise RuntimeError("this pool is closed")
         shipment = _cluster.ship(
@@ -222,8 +230,7 @@ class RayBackend(Backend):
 
     def _send(self, chunk: Chunk, payload: Any, failures: list[Any]) -> None:
         if failures:
-            outcomes = _cluster.with_indices(chunk.indices, failures)
-            self._events.append(Completed(chunk.id, outcomes, 0.0))
+            self._events.extend(completed_from_outcomes(chunk.id, failures, 0.0))
         failed = {position for position, _, _ in failures}
         positions = [p for p in range(len(chunk.indices)) if p not in failed]
         if not positions:
@@ -309,9 +316,7 @@ class RayBackend(Backend):
             self._on_result(flight, data)
 
     def _on_result(self, flight: _Flight, data: bytes) -> None:
-        event = _cluster.on_result("Ray", flight.chunk, data, self._output, self._send)
-        if event is not None:
-            self._events.append(event)
+        self._events.extend(_cluster.on_result("Ray", flight.chunk, data, self._output, self._send))
 
     def _watch(self) -> None:
         """Fail instead of waiting forever on a cluster that cannot run anything."""

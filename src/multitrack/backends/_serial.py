@@ -36,7 +36,7 @@ class SerialBackend(Backend):
         self._fn: Callable[..., Any] | None = None
         self._queued: list[Chunk] = []
 
-    def begin(self, fn: Callable[..., Any], output: Output) -> None:
+    def begin(self, fn: Callable[[Any], Any], output: Output, *, timed: bool = False) -> None:
         self._fn = fn
         if not self._initialized:
             self._initialized = True
@@ -63,15 +63,17 @@ class SerialBackend(Backend):
         fn = self._fn
         assert fn is not None
         begun = time.monotonic()
-        outcomes = []
-        for index, args in zip(chunk.indices, chunk.args, strict=True):
+        values: list[Any] = []
+        errors: dict[int, BaseException] = {}
+        for arg in chunk.args:
             try:
-                outcomes.append((index, True, fn(*args)))
+                values.append(fn(arg))
             except (Exception, SystemExit) as exc:
                 # A task's sys.exit() is its failure, not the end of the caller's program.
                 # KeyboardInterrupt passes: here it cannot be told apart from a real Ctrl-C.
-                outcomes.append((index, False, exc))
-        return [Completed(chunk.id, outcomes, time.monotonic() - begun)]
+                errors[len(values)] = exc
+                values.append(None)
+        return [Completed(chunk.id, 0, values, errors, time.monotonic() - begun)]
 
     def end(self, *, abort: bool) -> None:
         self._queued.clear()

@@ -62,7 +62,7 @@ class ThreadBackend(PooledBackend):
         self._events: list[Event] = []
         self._closed = False
 
-    def begin(self, fn: Callable[..., Any], output: Output) -> None:
+    def begin(self, fn: Callable[[Any], Any], output: Output, *, timed: bool = False) -> None:
         if self._closed:
             raise RuntimeError("this pool is closed")
         self._fn = fn
@@ -108,11 +108,11 @@ class ThreadBackend(PooledBackend):
                 f"the initializer failed in a worker thread: {type(cause).__name__}: {cause}"
             ) from cause
         elif kind == "done":
-            _, _, call, chunk_id, outcomes, busy = message
-            if call != self._call or worker.chunks.pop(chunk_id, None) is None:
+            _, _, call, done = message
+            if call != self._call or worker.chunks.pop(done.chunk_id, None) is None:
                 return
-            worker.tasks_done += len(outcomes)
-            self._events.append(Completed(chunk_id, outcomes, busy))
+            worker.tasks_done += len(done.values)
+            self._events.append(done)
             if not worker.chunks and self._quota_left(worker) <= 0:
                 self._retire(worker)
                 while len(self._threads) < self.slots and not self._closed:
@@ -189,15 +189,18 @@ class ThreadBackend(PooledBackend):
             call, fn = self._call, self._fn
             if fn is None:
                 continue
-            outcomes = []
+            values: list[Any] = []
+            errors: dict[int, BaseException] = {}
             begun = clock()
-            for position, args in enumerate(chunk.args):
+            for position, arg in enumerate(chunk.args):
                 worker.current = (chunk.id, position, clock())
                 try:
-                    outcomes.append((chunk.indices[position], True, fn(*args)))
+                    values.append(fn(arg))
                 except BaseException as exc:
-                    outcomes.append((chunk.indices[position], False, exc))
+                    errors[position] = exc
+                    values.append(None)
                 if worker.is_abandoned():
                     return
             worker.current = None
-            self._outbox.put(("done", worker.key, call, chunk.id, outcomes, clock() - begun))
+            done = Completed(chunk.id, 0, values, errors, clock() - begun)
+            self._outbox.put(("done", worker.key, call, done))

@@ -71,6 +71,27 @@ def _collector(
 loads = pickle.loads
 
 
+class Spread:
+    """``fn(*args)`` as a one-argument function. Workers call every task with exactly one
+    argument; tasks with several arguments (``starmap``, ``map`` over several iterables)
+    travel as a tuple, and this unpacks it. It pickles by reference (it lives here), with
+    ``fn`` inside by the usual rules."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+
+    def __call__(self, args: tuple[Any, ...]) -> Any:
+        return self.fn(*args)
+
+    def __reduce__(self) -> tuple[type[Spread], tuple[Callable[..., Any]]]:
+        return (Spread, (self.fn,))
+
+    def __repr__(self) -> str:
+        return repr(self.fn)  # error messages name the user's function
+
+
 def describe(exc: BaseException) -> str:
     """``"ValueError: bad"``; never raises, even for a broken ``__str__``."""
     try:

@@ -16,8 +16,10 @@ Messages in::
                                    one pickle, so that a function defined in the caller's
                                    script sees the globals its initializer set
     ("fn", payload)                the call's function, shipped once per worker per call
-    ("chunk", chunk_id, first, payload)   payload: pickle of a list of argument tuples, for
-                                   positions first, first + 1, ... of the chunk
+    ("chunk", chunk_id, first, timed, payload)   payload: pickle of the list of the tasks'
+                                   arguments (one per task), for positions first, first + 1,
+                                   ... of the chunk; timed: the tasks have deadlines, so each
+                                   records its start time in the slot
     ("give_back", chunk_id)        hand back the unstarted tasks of that chunk (load balancing)
     ("stop",)
 
@@ -47,7 +49,7 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from multitrack.backends import _wire
@@ -132,15 +134,24 @@ class Worker:
         self.fn: Callable[..., Any] | None = None
         self.inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.sending = threading.Lock()  # the reader thread answers give_back requests too
-        # Which task of which chunk runs, and where the parent asked this chunk to stop. The
-        # main thread claims each task, and the reader thread sets a stop, under ``claim``:
-        # a task is either run here or handed back, never both, never neither.
+        # Which chunk runs, and the iterator its tasks are taken from. The main thread takes
+        # each task with next() on that iterator and the reader thread takes the rest with
+        # list() when asked to give them back: each is one C call under the GIL, so a task
+        # is either run here or handed back, never both, never neither, with no lock per task
+        # (a lock per task cost more than a trivial task). A free-threaded build would need
+        # one. ``claim`` guards the switch from one chunk to the next.
         self.claim = threading.Lock()
         self.running = IDLE
-        self.claimed = -1
-        self.stop_at = sys.maxsize
+        self.tasks: Iterator[Any] = iter(())
+        self.chunk_end = 0  # position after the running chunk's last task
         self.queued: set[int] = set()  # chunks waiting in the inbox
         self.skipped: set[int] = set()  # waiting chunks handed back whole
+        # The running chunk's results: the main thread appends one per task, with no lock
+        # (list.append is one C call under the GIL); a ticker thread reports what is done
+        # every FLUSH_EVERY seconds, even while a long task runs, so the bar moves and a
+        # crash loses little. ``reporting`` orders the reports (the ticker's and the last).
+        self.reporting = threading.Lock()
+        self.report: _Report | None = None
 
     def send(self, message: tuple[Any, ...], buffers: list[Any] | None = None) -> None:
         data = _wire.dumps(message)
@@ -148,11 +159,14 @@ class Worker:
             self.conn.send_bytes(data, buffers or ())
 
     def hand_back(self, chunk_id: int) -> None:
-        """Reader thread: stop the running chunk after the task it is on, and tell the parent
-        which tasks it will not run."""
+        """Reader thread: take the tasks of the chunk that have not started, and tell the
+        parent from which position on it will not run them."""
         with self.claim:
             if self.running == chunk_id:
-                self.stop_at = first_unstarted = self.claimed + 1
+                rest = list(self.tasks)  # atomic against the main thread's next()
+                if not rest:
+                    return  # its last task is running: nothing to hand back
+                first_unstarted = self.chunk_end - len(rest)
             elif chunk_id in self.queued:  # not started: all of it
                 self.queued.discard(chunk_id)
                 self.skipped.add(chunk_id)
@@ -161,14 +175,38 @@ class Worker:
                 return  # it ended already: nothing to hand back
         self.send(("unstarted", chunk_id, first_unstarted))
 
+    def tick(self) -> None:
+        """Ticker thread: report the running chunk's finished tasks now and then."""
+        while True:
+            time.sleep(FLUSH_EVERY)
+            with self.reporting:
+                if self.report is not None:
+                    self.send_report(self.report)
+
+    def send_report(self, report: _Report) -> None:
+        """Send the results ``report`` holds that were not sent yet (caller holds
+        ``reporting``)."""
+        values, errors = report.values, report.errors
+        end = len(values)  # read first: errors[k] is always set before values[k] exists
+        start = report.sent
+        if end == start:
+            return
+        failed = {k - start: e for k, e in list(errors.items()) if start <= k < end}
+        now = time.monotonic()
+        span = values[start:end]
+        values[start:end] = [None] * (end - start)  # sent: free the memory
+        report.sent, busy, report.since = end, now - report.since, now
+        self.send_done(report.chunk_id, report.first + start, span, failed, busy)
+
     def serve(self) -> None:
         threading.Thread(target=_read, args=(self,), daemon=True).start()
+        threading.Thread(target=self.tick, daemon=True).start()
         self.send(("booted", os.getpid()))
         while True:
             message, buffers = self.inbox.get()
             kind = message[0]
             if kind == "chunk":
-                self.run_chunk(message[1], message[2], message[3], buffers)
+                self.run_chunk(message[1], message[2], message[3], message[4], buffers)
             elif kind == "fn":
                 self.load_function(message[1])
             elif kind == "init":
@@ -196,48 +234,59 @@ class Worker:
             self.fn = None
             self.send(("fn_error", _wire.pack_error(exc)))
 
-    def run_chunk(self, chunk_id: int, first: int, payload: bytes, buffers: list[Any]) -> None:
-        with self.claim:
-            if chunk_id in self.skipped:
-                self.skipped.discard(chunk_id)
-                return
-            self.queued.discard(chunk_id)
-            self.running, self.claimed, self.stop_at = chunk_id, first - 1, sys.maxsize
+    def run_chunk(
+        self, chunk_id: int, first: int, timed: bool, payload: bytes, buffers: list[Any]
+    ) -> None:
         try:
             calls = _wire.loads(payload, buffers=buffers)
         except BaseException as exc:
             with self.claim:
-                self.running = IDLE
+                self.queued.discard(chunk_id)
+                if chunk_id in self.skipped:  # handed back meanwhile: not ours to report
+                    self.skipped.discard(chunk_id)
+                    return
             self.send(("chunk_error", chunk_id, first, _wire.pack_error(exc)))
+            return
+        tasks = iter(calls)
+        if not self._claim(chunk_id, tasks, first + len(calls)):
             return
         fn = self.fn
         assert fn is not None, "a chunk arrived before its function"
         clock, ints = time.monotonic, self.slot.ints
-        values: list[Any] = []  # one per task; None where it failed
-        errors: dict[int, Any] = {}  # offset in values -> packed exception
-        flushed_at = begun = clock()
+        begun = clock()
+        report = _Report(chunk_id, first, since=begun)
+        values, errors = report.values, report.errors
+        with self.reporting:
+            self.report = report
         self.slot.start_chunk(chunk_id, first, begun)
-        claim = self.claim
-        for position, args in enumerate(calls, first):
-            now = clock()
-            if now - flushed_at >= FLUSH_EVERY and values:  # a long chunk: report so far
-                self.send_done(chunk_id, first, values, errors, now - flushed_at)
-                first, values, errors, flushed_at = position, [], {}, now
-            with claim:
-                if position >= self.stop_at:
-                    break  # the rest was handed back
-                self.claimed = position
-                ints[3] = (int((now - begun) * 1000.0) << POSITION_BITS) | position
+        # The hot loop: per task, one C-level next(), one 8-byte store and the call. Only
+        # tasks with deadlines pay for reading the clock (as much as a trivial task costs).
+        for position, arg in enumerate(tasks, first):
+            if timed:
+                ints[3] = (int((clock() - begun) * 1000.0) << POSITION_BITS) | position
+            else:
+                ints[3] = position
             try:
-                values.append(fn(*args))
+                values.append(fn(arg))
             except BaseException as exc:  # SystemExit, KeyboardInterrupt too: a task failure
                 errors[len(values)] = _wire.pack_error(exc)
                 values.append(None)
-        with claim:
+        with self.claim:
             self.running = IDLE
-        if values:
-            self.send_done(chunk_id, first, values, errors, clock() - flushed_at)
+        with self.reporting:
+            self.report = None
+            self.send_report(report)
         self.slot.start_chunk(IDLE, 0, 0.0)
+
+    def _claim(self, chunk_id: int, tasks: Iterator[Any], end: int) -> bool:
+        """Make ``chunk_id`` the running chunk, unless it was handed back while it waited."""
+        with self.claim:
+            self.queued.discard(chunk_id)
+            if chunk_id in self.skipped:
+                self.skipped.discard(chunk_id)
+                return False
+            self.running, self.tasks, self.chunk_end = chunk_id, tasks, end
+            return True
 
     def send_done(
         self, chunk_id: int, first: int, values: list[Any], errors: dict[int, Any], busy: float
@@ -250,6 +299,19 @@ class Worker:
             data = _wire.dumps(("done", chunk_id, first, values, errors, busy), buffers)
         with self.sending:
             self.conn.send_bytes(data, buffers)
+
+
+class _Report:
+    """The results of one running chunk, from position ``first`` on; ``sent`` of them were
+    reported already."""
+
+    __slots__ = ("chunk_id", "errors", "first", "sent", "since", "values")
+
+    def __init__(self, chunk_id: int, first: int, *, since: float) -> None:
+        self.chunk_id, self.first, self.since = chunk_id, first, since
+        self.values: list[Any] = []  # one per task; None where it failed
+        self.errors: dict[int, Any] = {}  # offset in values -> packed exception
+        self.sent = 0
 
 
 def _make_picklable(values: list[Any], errors: dict[int, Any]) -> None:
