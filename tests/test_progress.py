@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import math
 import os
 import re
 import select
+import subprocess
 import sys
 import threading
 import time
@@ -17,7 +19,7 @@ from collections.abc import Iterator
 import pytest
 from tqdm import tqdm as _std_tqdm
 
-from multitrack import _progress
+from multitrack import _progress, _tqdm_bar
 from multitrack._progress import (
     LogProgress,
     NullProgress,
@@ -80,7 +82,7 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 def no_open_bars() -> Iterator[None]:
     """A bar left open would sit above the next test's bar (tqdm stacks open bars)."""
     yield
-    open_bars = [bar for bar in list(_std_tqdm._instances) if isinstance(bar, _progress._TextBar)]
+    open_bars = [bar for bar in list(_std_tqdm._instances) if isinstance(bar, _tqdm_bar._TextBar)]
     for bar in open_bars:  # do not let one failure cascade into every later test
         bar.close()
     assert not open_bars, "a test left a bar open"
@@ -178,7 +180,7 @@ def test_notebook_without_ipywidgets_falls_back_to_the_text_bar(
     out = io.StringIO()
     monkeypatch.setattr(sys, "stderr", out)
     monkeypatch.setattr(_progress, "_in_notebook", lambda: True)
-    monkeypatch.setattr(_progress, "_widget_class", lambda: None)
+    monkeypatch.setattr(_tqdm_bar, "_widget_class", lambda: None)
     progress = make_progress(True, total=4, desc="nb", file=None)
     assert isinstance(progress, TqdmProgress) and not progress.is_widget
     progress.advance(4)
@@ -195,7 +197,7 @@ def test_widget_that_cannot_start_falls_back_to_the_text_bar(
 
     monkeypatch.setattr(sys, "stderr", io.StringIO())
     monkeypatch.setattr(_progress, "_in_notebook", lambda: True)
-    monkeypatch.setattr(_progress, "_widget_class", lambda: BrokenWidget)
+    monkeypatch.setattr(_tqdm_bar, "_widget_class", lambda: BrokenWidget)
     progress = make_progress(True, total=4, desc="nb")
     assert isinstance(progress, TqdmProgress) and not progress.is_widget
     progress.close()
@@ -204,7 +206,7 @@ def test_widget_that_cannot_start_falls_back_to_the_text_bar(
 def test_missing_ipywidgets_is_detected_quietly() -> None:
     has_ipywidgets = importlib.util.find_spec("ipywidgets") is not None
     # and no warning either way: the suite turns warnings into errors
-    assert (_progress._widget_class() is not None) == has_ipywidgets
+    assert (_tqdm_bar._widget_class() is not None) == has_ipywidgets
 
 
 def test_explicit_file_in_a_notebook_gets_status_lines(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -386,6 +388,27 @@ def test_20000_real_advances_stay_small_and_plain(log: io.StringIO) -> None:
     assert "\r" not in text and "\x1b" not in text
 
 
+CLOCK_TIMES = [
+    *range(-4000, 4000, 7),
+    *range(0, 400_000, 997),
+    *(n + f for n in (0, 59, 60, 3599, 3600, 86_399, 86_400) for f in (0.0, 0.4, 0.999)),
+    -0.5, -0.999, -1.0, -59.9, -3600.5, 1e7, 359_999, 360_000, 10**12, -(10**12), 1e15,
+]  # fmt: skip
+
+
+def test_clock_time_is_tqdms_format_interval() -> None:
+    for seconds in CLOCK_TIMES:
+        assert _progress._clock_time(seconds) == _std_tqdm.format_interval(seconds), seconds
+
+
+@pytest.mark.parametrize("seconds", [math.inf, -math.inf, math.nan])
+def test_clock_time_fails_like_tqdm_on_non_finite(seconds: float) -> None:
+    with pytest.raises((OverflowError, ValueError)) as tqdms:
+        _std_tqdm.format_interval(seconds)
+    with pytest.raises(tqdms.type):
+        _progress._clock_time(seconds)
+
+
 def test_closed_log_stream_does_not_break_the_run(clock: FakeClock) -> None:
     log = io.StringIO()
     progress = LogProgress(total=1, desc=None, file=log, clock=clock)
@@ -550,16 +573,16 @@ def test_null_progress_counts_and_writes_through(capsys: pytest.CaptureFixture[s
 
 
 def test_tqdm_env_settings_win_over_ours(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert _progress._tqdm_options()["mininterval"] == 0.1
+    assert _tqdm_bar._tqdm_options()["mininterval"] == 0.1
     monkeypatch.setenv("TQDM_MININTERVAL", "5")
-    assert "mininterval" not in _progress._tqdm_options()
-    assert _progress._tqdm_options()["smoothing"] == 0.1
+    assert "mininterval" not in _tqdm_bar._tqdm_options()
+    assert _tqdm_bar._tqdm_options()["smoothing"] == 0.1
 
 
 def test_unsized_terminal_still_gets_a_bar() -> None:
-    usable = _progress._usable_shape(lambda _: (-1, -1))
+    usable = _tqdm_bar._usable_shape(lambda _: (-1, -1))
     assert usable(None) == (None, None)
-    assert _progress._usable_shape(lambda _: (79, 23))(None) == (79, 23)
+    assert _tqdm_bar._usable_shape(lambda _: (79, 23))(None) == (79, 23)
 
 
 @pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal")
@@ -579,6 +602,63 @@ def test_real_unsized_pty_draws() -> None:
     finally:
         os.close(slave)
         os.close(master)
+
+
+# -- import cost --------------------------------------------------------------------------------
+
+
+def _loads_tqdm(code: str) -> bool:
+    """Whether running ``code`` in a fresh interpreter imports tqdm (or any part of it)."""
+    probe = "\nimport sys\nprint(any(m == 'tqdm' or m.startswith('tqdm.') for m in sys.modules))"
+    done = subprocess.run(
+        [sys.executable, "-c", code + probe],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip().splitlines()[-1] == "True"
+
+
+FAKE_TTY = "import io\nclass TTY(io.StringIO):\n    def isatty(self): return True\n"
+
+
+@pytest.mark.parametrize(
+    ("code", "loads"),
+    [
+        ("import multitrack", False),
+        ("import multitrack, multitrack._api", False),
+        ("import multitrack; multitrack.map", False),
+        (
+            "import io\nfrom multitrack._progress import LogProgress, make_progress\n"
+            "p = make_progress(True, total=3, desc=None, file=io.StringIO())\n"
+            "assert isinstance(p, LogProgress)\np.advance(3)\np.close()",
+            False,
+        ),
+        (
+            "import io\nfrom multitrack._progress import LogProgress, make_progress\n"
+            "p = make_progress('log', total=3, desc=None, file=io.StringIO())\n"
+            "assert isinstance(p, LogProgress)\np.close()",
+            False,
+        ),
+        (
+            "import io\nfrom multitrack._progress import NullProgress, make_progress\n"
+            "p = make_progress(False, total=3, desc=None, file=io.StringIO())\n"
+            "assert type(p) is NullProgress\np.advance(3)\np.close()",
+            False,
+        ),
+        (  # the control: a live bar does load tqdm, so the probe can see it
+            FAKE_TTY + "from multitrack._progress import TqdmProgress, make_progress\n"
+            "p = make_progress(True, total=3, desc=None, file=TTY())\n"
+            "assert isinstance(p, TqdmProgress)\np.close()",
+            True,
+        ),
+    ],
+    ids=["package", "api", "map-attribute", "log-auto", "log-forced", "null", "live-bar"],
+)
+def test_tqdm_is_imported_only_for_the_live_bar(code: str, loads: bool) -> None:
+    assert _loads_tqdm(code) is loads
 
 
 # -- lifetime -----------------------------------------------------------------------------------

@@ -18,10 +18,13 @@ Why these modes:
   behind a slow first task. ``advance`` is the hot path: a counter and, at most, a clock read.
 * **ETA for parallel work**: tqdm's smoothing 0.1 instead of 0.3; concurrent, skewed task times
   make the default jumpy (research notes, part 2.2).
-* **No thread, no multiprocessing lock.** Our tqdm subclasses set ``monitor_interval = 0`` and a
-  plain thread lock: tqdm's default lock creates a ``multiprocessing.RLock`` (which can start the
-  resource tracker process), and a lock shared with workers can freeze the bar if one dies.
-  Time moves through ``tick``, which the scheduler calls when ``wakeup_in`` says so.
+* **No thread, no multiprocessing lock.** Our tqdm subclasses (in ``_tqdm_bar``) set
+  ``monitor_interval = 0`` and a plain thread lock: tqdm's default lock creates a
+  ``multiprocessing.RLock`` (which can start the resource tracker process), and a lock shared
+  with workers can freeze the bar if one dies. Time moves through ``tick``, which the scheduler
+  calls when ``wakeup_in`` says so.
+* **tqdm only for the live bar.** Importing it costs tens of milliseconds, so ``_tqdm_bar`` is
+  imported when a ``TqdmProgress`` is made; status lines and switched-off progress never load it.
 * **Worker output goes above the bar**: clear it, write the lines, draw it again.
 
 ``clock`` is injectable everywhere so the cadence is tested in milliseconds.
@@ -32,13 +35,10 @@ from __future__ import annotations
 import math
 import os
 import sys
-import threading
 import time
 from collections.abc import Callable
 from types import TracebackType
 from typing import IO, Any, Literal, TypeVar
-
-from tqdm import tqdm as _std_tqdm  # type: ignore[import-untyped,unused-ignore]
 
 __all__ = [
     "LogProgress",
@@ -132,87 +132,6 @@ class NullProgress(Progress):
 # -- the live bar (terminal or notebook) ------------------------------------------------------
 
 
-class _BarMixin:
-    """What our tqdm subclasses add: no monitor thread, a thread-only lock, our clock."""
-
-    monitor_interval = 0  # no TMonitor thread: nothing a call starts may outlive it
-    _lock = threading.RLock()  # not tqdm's default, which also creates a multiprocessing lock
-
-    # attributes of tqdm, declared for the type checker
-    n: int
-    total: int | None
-    _time: Clock
-    start_t: float
-    last_print_t: float
-
-    def use_clock(self, clock: Clock) -> None:
-        """Measure elapsed time and rate with ``clock``, starting now."""
-        self._time = clock
-        self.start_t = self.last_print_t = clock()
-
-    def set_total(self, total: int | None) -> None:
-        """Change the total in place (tqdm's ``reset`` would also zero the count)."""
-        self.total = total
-
-    @property
-    def format_dict(self) -> dict[str, Any]:
-        """tqdm's display values; a total the count has overrun is shown as unknown."""
-        values: dict[str, Any] = super().format_dict  # type: ignore[misc]
-        if values["total"] is not None and values["n"] > values["total"]:
-            values["total"] = None
-        return values
-
-
-class _TextBar(_BarMixin, _std_tqdm):  # type: ignore[misc]
-    """tqdm's text bar, threadless."""
-
-    # attributes of tqdm, declared for the type checker
-    dynamic_ncols: Any
-    fp: IO[str]
-    ncols: int | None
-    nrows: int | None
-
-    def fix_zero_size(self) -> None:
-        """Ignore a terminal that reports no size (a pty nobody sized): tqdm draws nothing."""
-        shape = self.dynamic_ncols
-        if not callable(shape):
-            return
-        unusable = (self.ncols is not None and self.ncols <= 0) or (
-            self.nrows is not None and self.nrows <= 0
-        )
-        self.dynamic_ncols = _usable_shape(shape)
-        self.ncols, self.nrows = self.dynamic_ncols(self.fp)
-        if unusable:
-            self.refresh()  # the first draw, which tqdm skipped
-
-
-def _usable_shape(shape: Callable[[Any], tuple[int | None, int | None]]) -> Callable[..., Any]:
-    def usable(fp: Any) -> tuple[int | None, int | None]:
-        cols, rows = shape(fp)
-        return (cols if cols and cols > 0 else None, rows if rows and rows > 0 else None)
-
-    return usable
-
-
-def _widget_class() -> type[Any] | None:
-    """tqdm's notebook widget bar, threadless; ``None`` when ipywidgets is missing."""
-    try:
-        from tqdm import notebook
-    except Exception:  # a broken IPython install must not break the run
-        return None
-    if notebook.IProgress is None:
-        return None
-
-    class _WidgetBar(_BarMixin, notebook.tqdm_notebook):  # type: ignore[misc]
-        def set_total(self, total: int | None) -> None:
-            super().set_total(total)
-            if total is not None and hasattr(self, "container"):
-                self.container.children[1].max = total
-                self.container.children[1].layout.width = None
-
-    return _WidgetBar
-
-
 class TqdmProgress(Progress):
     """A live tqdm bar on a terminal (or tqdm's widget in Jupyter, ``widget=True``).
 
@@ -232,15 +151,18 @@ class TqdmProgress(Progress):
         super().__init__(total=total, clock=clock)
         self._file = sys.stderr if file is None else file
         self._ticked_at = clock()
-        self._bar: Any = _new_bar(total=total, desc=desc, file=self._file, widget=widget)
+        from multitrack import _tqdm_bar  # imports tqdm: only a live bar pays for it
+
+        self._bar: Any = _tqdm_bar._new_bar(total=total, desc=desc, file=self._file, widget=widget)
         self._bar.use_clock(clock)
-        if isinstance(self._bar, _TextBar):
+        self._is_widget = not isinstance(self._bar, _tqdm_bar._TextBar)
+        if not self._is_widget:
             self._bar.fix_zero_size()
 
     @property
     def is_widget(self) -> bool:
         """Whether this is the notebook widget rather than the text bar."""
-        return not isinstance(self._bar, _TextBar)
+        return self._is_widget
 
     def advance(self, n: int = 1) -> None:
         """``n`` more tasks completed (tqdm redraws at most every ``mininterval``)."""
@@ -300,30 +222,6 @@ class TqdmProgress(Progress):
                 ", ".join(filter(None, [self.postfix(), word])), refresh=False
             )
         self._bar.close()
-
-
-def _new_bar(*, total: int | None, desc: str | None, file: IO[str], widget: bool) -> Any:
-    """The widget when asked for and possible, else the text bar."""
-    options = {"total": total, "desc": desc, "file": file, **_tqdm_options()}
-    widget_class = _widget_class() if widget else None
-    if widget_class is not None:
-        try:
-            return widget_class(**options)
-        except Exception:  # no widget front end after all: the text bar still works
-            pass
-    return _TextBar(**options)
-
-
-def _tqdm_options() -> dict[str, Any]:
-    """Our tqdm settings, minus those the user set through ``TQDM_*`` variables."""
-    ours: dict[str, Any] = {
-        "mininterval": 0.1,
-        "dynamic_ncols": True,
-        "smoothing": 0.1,
-        "unit": "task",
-    }
-    chosen = {k: v for k, v in ours.items() if f"TQDM_{k.upper()}" not in os.environ}
-    return {**chosen, "leave": True, "disable": False}
 
 
 # -- status lines for logs ---------------------------------------------------------------------
@@ -443,8 +341,17 @@ class LogProgress(Progress):
 
 
 def _clock_time(seconds: float) -> str:
-    """``00:12`` or ``1:02:03``, as tqdm shows times."""
-    return str(_std_tqdm.format_interval(seconds))
+    """``00:12`` or ``1:02:03``, exactly as tqdm's ``format_interval`` shows times.
+
+    Whole seconds, truncated toward zero; hours only when there are any, and never wrapped to
+    days (``100:00:00``); a negative time keeps its sign even under a second (``-00:00``).
+    """
+    sign = "-" if seconds < 0 else ""
+    minutes, secs = divmod(abs(int(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"{sign}{hours:d}:{minutes:02d}:{secs:02d}"
+    return f"{sign}{minutes:02d}:{secs:02d}"
 
 
 def _format_rate(rate: float | None) -> str:
