@@ -85,8 +85,11 @@ class Channel:
         return data, views
 
     def poll(self, timeout: float = 0.0) -> bool:
-        """Whether a message (or EOF) is waiting."""
-        return bool(select.select([self._sock], [], [], timeout)[0])
+        """Whether a message (or EOF) is waiting. (``select.poll``: ``select.select`` fails
+        on descriptors over 1023, which a busy parent can have.)"""
+        poller = select.poll()
+        poller.register(self._sock, select.POLLIN)
+        return bool(poller.poll(max(0, round(timeout * 1000))))
 
     def close(self) -> None:
         self._sock.close()
