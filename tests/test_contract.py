@@ -342,3 +342,78 @@ def test_a_scripts_function_sees_globals_set_by_its_initializer(tmp_path: Any) -
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "['NET:1', 'NET:2']"
+
+
+def _run_script(tmp_path: Any, source: str) -> list[str]:
+    """Run ``source`` as a script (its own ``__main__``) and return its output lines."""
+    script = tmp_path / "job.py"
+    script.write_text(textwrap.dedent(source))
+    env = dict(os.environ, MULTITRACK_PROGRESS="0")
+    done = subprocess.run(
+        [sys.executable, str(script)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines()
+
+
+def test_later_pool_calls_see_globals_set_by_the_initializer(tmp_path: Any) -> None:
+    # A Pool starts its workers once: later calls ship their function alone, in a pickle of
+    # its own. It must still see what the initializer set, and so must a helper it calls.
+    lines = _run_script(
+        tmp_path,
+        """
+        import multitrack as mt
+
+        MODEL = None
+
+        def load(name):
+            global MODEL
+            MODEL = name.upper()
+
+        def predict(x):
+            return f"{MODEL}:{x}"
+
+        def label(x):
+            return f"{MODEL}-{x}"
+
+        def describe(x):
+            return label(x) + "!"
+
+        with mt.Pool(workers=2, initializer=load, initargs=("net",)) as pool:
+            print(pool.map(predict, [1, 2, 3]))
+            print(pool.map(describe, [1, 2, 3]))
+        """,
+    )
+    assert lines == ["['NET:1', 'NET:2', 'NET:3']", "['NET-1!', 'NET-2!', 'NET-3!']"]
+
+
+def test_a_constant_changed_between_pool_calls_reaches_the_workers(tmp_path: Any) -> None:
+    # The initializer's globals are kept, but every other global takes the caller's value
+    # of the moment: SCALE changes between the calls, MODEL stays what the initializer set.
+    lines = _run_script(
+        tmp_path,
+        """
+        import multitrack as mt
+
+        MODEL = None
+        SCALE = 1
+
+        def load():
+            global MODEL
+            MODEL = "net"
+
+        def predict(x):
+            return f"{MODEL}:{x * SCALE}"
+
+        with mt.Pool(workers=2, initializer=load) as pool:
+            print(pool.map(predict, [1, 2]))
+            SCALE = 10
+            print(pool.map(predict, [1, 2]))
+        """,
+    )
+    assert lines == ["['net:1', 'net:2']", "['net:10', 'net:20']"]

@@ -16,6 +16,7 @@ Messages in::
                                    one pickle, so that a function defined in the caller's
                                    script sees the globals its initializer set
     ("fn", payload)                the call's function, shipped once per worker per call
+                                   (alone: see "A script's globals" below)
     ("chunk", chunk_id, first, timed, payload)   payload: pickle of the list of the tasks'
                                    arguments (one per task), for positions first, first + 1,
                                    ... of the chunk; timed: the tasks have deadlines, so each
@@ -35,11 +36,34 @@ Messages out::
 
 The worker runs in its own session (process group), so a terminal's Ctrl-C reaches only the
 parent, which then kills whole worker groups; it ignores SIGINT for the same reason.
+
+A script's globals. A function of the caller's ``__main__`` travels by value, and cloudpickle
+rebuilds one globals dict per pickle (holding the globals its functions name, with the
+caller's values). The "init" pickle carries the initializer and the first function together,
+so they share one dict and the function sees what the initializer set. A later "fn" message
+(the next call of a ``Pool``) brings a dict of its own, where the initializer never ran. So
+when the initializer is a ``__main__`` function, the worker keeps its globals dict and the
+names the initializer added, reassigned (compared by identity) or deleted; a ``__main__``
+function loaded later is rebound to that dict, after merging its own dict into it by this
+rule:
+
+* a name the initializer set keeps the initializer's value (its model, its connection; a
+  name it deleted stays deleted);
+* every other name takes the value shipped with the new function: the caller's value of
+  the moment (a constant the caller changed between two calls is seen changed), even over
+  a value an earlier call's function assigned here.
+
+``__main__`` functions that came in the same pickle and are globals of the dict (helpers the
+function calls by name) are rebound too. Those reachable only otherwise (a closure cell, a
+default, a class's methods) keep the dict they came with, which then gets the initializer's
+values for its names as well: they read the same values. A ``functools.partial`` of such a
+function is rebuilt around the rebound function.
 """
 
 from __future__ import annotations
 
 import faulthandler
+import functools
 import mmap
 import os
 import queue
@@ -49,8 +73,9 @@ import struct
 import sys
 import threading
 import time
+import types
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeGuard
 
 from multitrack.backends import _wire
 from multitrack.backends._channel import Channel
@@ -132,6 +157,10 @@ class Worker:
         self.conn = conn
         self.slot = slot
         self.fn: Callable[..., Any] | None = None
+        # The initializer's globals dict, when it is a function of the caller's script, and
+        # the names it set there (see "A script's globals" above).
+        self.script_globals: dict[str, Any] | None = None
+        self.set_by_initializer: frozenset[str] = frozenset()
         self.inbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.sending = threading.Lock()  # the reader thread answers give_back requests too
         # Which chunk runs, and the iterator its tasks are taken from. The main thread takes
@@ -220,19 +249,68 @@ class Worker:
         try:
             initializer, initargs, self.fn = _wire.loads(payload)
             if initializer is not None:
-                initializer(*initargs)
+                self.run_initializer(initializer, initargs)
         except BaseException as exc:
             self.send(("start_error", _wire.pack_error(exc)))
             return False
         self.send(("ready",))
         return True
 
+    def run_initializer(self, initializer: Callable[..., Any], initargs: tuple[Any, ...]) -> None:
+        if not _is_script_function(initializer):
+            initializer(*initargs)
+            return
+        namespace = initializer.__globals__
+        before = dict(namespace)
+        initializer(*initargs)
+        missing = object()
+        self.set_by_initializer = frozenset(
+            name
+            for name in namespace.keys() | before.keys()
+            if namespace.get(name, missing) is not before.get(name, missing)
+        )
+        self.script_globals = namespace
+
     def load_function(self, payload: bytes) -> None:
         try:
-            self.fn = _wire.loads(payload)
+            fn = _wire.loads(payload)
+            if self.script_globals is not None:
+                fn = self.share_script_globals(fn)
+            self.fn = fn
         except BaseException as exc:
             self.fn = None
             self.send(("fn_error", _wire.pack_error(exc)))
+
+    def share_script_globals(self, fn: Any) -> Any:
+        """``fn``, rebound to the initializer's globals when it is a function of the caller's
+        script that came with a globals dict of its own (once per function load)."""
+        if isinstance(fn, _wire.Spread):
+            fn.fn = self.share_script_globals(fn.fn)
+            return fn
+        if type(fn) is functools.partial:
+            func = self.share_script_globals(fn.func)
+            if func is fn.func:
+                return fn
+            bound = functools.partial(func, *fn.args, **fn.keywords)
+            bound.__dict__.update(fn.__dict__)
+            return bound
+        shared = self.script_globals
+        if shared is None or not _is_script_function(fn) or fn.__globals__ is shared:
+            return fn
+        own, kept = fn.__globals__, self.set_by_initializer
+        rebound: dict[types.FunctionType, types.FunctionType] = {}
+        for name, value in own.items():
+            if name in kept:
+                continue  # the initializer's value wins
+            if _is_script_function(value) and value.__globals__ is own:
+                value = rebound.setdefault(value, _rebind(value, shared))
+            shared[name] = value  # the caller's value of the moment wins
+        for name in kept:  # for what stays bound to ``own`` (closures, class methods...)
+            if name in shared:
+                own[name] = shared[name]
+            else:
+                own.pop(name, None)
+        return rebound.get(fn) or _rebind(fn, shared)
 
     def run_chunk(
         self, chunk_id: int, first: int, timed: bool, payload: bytes, buffers: list[Any]
@@ -312,6 +390,29 @@ class _Report:
         self.values: list[Any] = []  # one per task; None where it failed
         self.errors: dict[int, Any] = {}  # offset in values -> packed exception
         self.sent = 0
+
+
+def _is_script_function(obj: object) -> TypeGuard[types.FunctionType]:
+    """A plain function of the caller's ``__main__``: in a worker, only one that came by value
+    (the worker's own ``__main__`` defines none)."""
+    return type(obj) is types.FunctionType and obj.__module__ == "__main__"
+
+
+def _rebind(fn: types.FunctionType, namespace: dict[str, Any]) -> types.FunctionType:
+    """A copy of ``fn`` whose globals are ``namespace``."""
+    new = types.FunctionType(fn.__code__, namespace, fn.__name__, fn.__defaults__, fn.__closure__)
+    new.__kwdefaults__ = fn.__kwdefaults__
+    new.__qualname__ = fn.__qualname__
+    new.__module__ = fn.__module__
+    new.__doc__ = fn.__doc__
+    new.__dict__.update(fn.__dict__)
+    # Python 3.14 evaluates annotations lazily (reading them may raise): copy the function
+    # that computes them when there is one. __type_params__: Python 3.12.
+    lazy = getattr(fn, "__annotate__", None) is not None
+    for name in ("__annotate__" if lazy else "__annotations__", "__type_params__"):
+        if hasattr(fn, name):
+            setattr(new, name, getattr(fn, name))
+    return new
 
 
 def _make_picklable(values: list[Any], errors: dict[int, Any]) -> None:
