@@ -120,7 +120,7 @@ def _title(results: Results) -> str:
 multitrack against a plain for-loop and the libraries people reach for instead, on the six
 workloads of issue #4: the same task functions, the same number of workers, each run in a fresh
 process, bars on where the library has one. Regenerate with
-`python -m benchmarks --write docs/benchmarks.md` (needs `pip install -e ".[bench,dask,ray]"`).
+`python -m benchmarks --write docs/benchmarks.md` (needs `pip install -e ".[bench]"`).
 multitrack's cluster backends, `backend="ray"` and `backend="dask"`, run on this one machine too,
 in a section of their own: they are not compared with the peers.
 
