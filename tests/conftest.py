@@ -6,6 +6,7 @@ call" is a promise, so every test checks it (after loky's test suite)."""
 from __future__ import annotations
 
 import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -17,6 +18,13 @@ import pytest
 os.environ.setdefault("MULTITRACK_PROGRESS", "0")
 
 LEAK_GRACE = 3.0  # seconds a child or thread may take to go away after a call returned
+
+
+# A suite started in the background by a shell without job control inherits SIGINT ignored, and
+# so would every script the Ctrl-C tests start (an ignored signal stays ignored across exec):
+# they would test nothing. Restore Python's handler here; children then get the default.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _children() -> list[psutil.Process]:
