@@ -47,6 +47,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple, TextIO
 
 import multitrack as mt
+
+# Loaded now rather than by the first mt.map: the timed run should not pay for imports the
+# for-loop does not need, and a Ctrl-C landing while those modules build their dataclasses
+# (CPython runs the generated methods through exec() of a string) makes CPython 3.11 end the
+# process with SIGINT at exit, even though the KeyboardInterrupt was handled: exit -2, not 130.
+import multitrack._api
+import multitrack.backends._process
 from multitrack._options import usable_cpus
 
 if TYPE_CHECKING:
