@@ -79,7 +79,7 @@ def ship(
     return _wire.dumps((call_key, init_key, list(sys.path), payload))
 
 
-def pack_args(chunk_args: Sequence[tuple[Any, ...]]) -> tuple[Any, list[Outcome]]:
+def pack_args(chunk_args: Sequence[Any]) -> tuple[Any, list[Outcome]]:
     """The chunk's arguments as bytes, and the failures of items that cannot be pickled. The
     payload is one blob, or (after a failure) a list with one blob per item (``None`` for
     an item that failed here)."""
@@ -90,7 +90,7 @@ def pack_args(chunk_args: Sequence[tuple[Any, ...]]) -> tuple[Any, list[Outcome]
     return split_args(chunk_args)
 
 
-def split_args(chunk_args: Sequence[tuple[Any, ...]]) -> tuple[Any, list[Outcome]]:
+def split_args(chunk_args: Sequence[Any]) -> tuple[Any, list[Outcome]]:
     """One blob per item, so that only the item that cannot cross fails. Outcomes carry the
     item's *position* in the chunk; the backend maps positions to task indices."""
     blobs: list[bytes | None] = []
@@ -220,8 +220,8 @@ def _load(shipment: bytes) -> Callable[..., Any]:
 
 def _unpack_args(
     args: Any,
-) -> tuple[list[int], list[tuple[Any, ...]] | None, list[tuple[int, bool, Any]]]:
-    """(positions, argument tuples, failures). ``None`` tuples: the whole-chunk blob could
+) -> tuple[list[int], list[Any] | None, list[tuple[int, bool, Any]]]:
+    """(positions, task arguments, failures). ``None`` arguments: the whole-chunk blob could
     not be unpickled here; the driver resends it one blob per item."""
     if isinstance(args, bytes):
         try:
