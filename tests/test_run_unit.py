@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from multitrack._chunks import MAX_CHUNK, TARGET_SECONDS, ChunkSizer
+from multitrack._chunks import MAX_CHUNK, MAX_CHUNK_BYTES, TARGET_SECONDS, ChunkSizer
 from multitrack._errors import TaskError, TaskTimeout, WorkerCrashed
 from multitrack._run import MAX_BYSTANDER_REQUEUES, Policy, Run
 from multitrack.backends._base import (
@@ -400,6 +400,19 @@ def test_auto_chunks_are_capped_and_shrink_at_the_end() -> None:
     assert sizer.next_size(None) == MAX_CHUNK
     assert sizer.next_size(100) == 25  # leave work for every worker's two chunks
     assert sizer.next_size(1) == 1
+
+
+def test_auto_chunks_stay_under_the_byte_budget() -> None:
+    sizer = ChunkSizer(fixed=None, slots=2)
+    sizer.observe(10, 10 * 0.001)  # 1 ms per task: 50 tasks a chunk by time
+    sizer.observe_sent(2, 16 * 1024 * 1024)  # 8 MB of arguments per task
+    assert sizer.next_size(None) == MAX_CHUNK_BYTES // (8 * 1024 * 1024)
+    for _ in range(40):  # the arguments got small: the cap follows
+        sizer.observe_sent(50, 50 * 100)
+    assert sizer.next_size(None) == int(TARGET_SECONDS / 0.001)
+    fixed = ChunkSizer(fixed=50, slots=2)
+    fixed.observe_sent(2, 16 * 1024 * 1024)
+    assert fixed.next_size(None) == 50  # the user's chunksize is the user's
 
 
 def test_fixed_chunksize_and_cap() -> None:

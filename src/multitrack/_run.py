@@ -240,7 +240,9 @@ class Run:
             if chunk is None:
                 return
             self.flights[chunk.id] = _Flight(chunk)
-            self.backend.submit(chunk)
+            sent = self.backend.submit(chunk)
+            if sent is not None:
+                self.sizer.observe_sent(len(chunk.indices), sent)
 
     def _next_chunk(self) -> Chunk | None:
         # Work still to hand out: what the input has left, and what came back to the queue.

@@ -147,8 +147,10 @@ class Backend(ABC):
         return None
 
     @abstractmethod
-    def submit(self, chunk: Chunk) -> None:
-        """Hand a chunk to a worker. Never blocks for long."""
+    def submit(self, chunk: Chunk) -> int | None:
+        """Hand a chunk to a worker. Never blocks for long. Returns the bytes its arguments
+        took to send (chunk sizes stay under a byte budget), or ``None`` when nothing is
+        pickled or the backend does not know."""
 
     @abstractmethod
     def poll(self, timeout: float | None) -> Sequence[Event]:

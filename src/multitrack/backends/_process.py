@@ -229,21 +229,23 @@ class ProcessBackend(PooledBackend):
     def _ready_workers(self) -> list[_Proc]:
         return [p for p in self._procs.values() if p.state == "ready"]
 
-    def submit(self, chunk: Chunk) -> None:
+    def submit(self, chunk: Chunk) -> int | None:
         messages, unpicklable = _chunk_messages(chunk, self._timed)
         self._events.extend(unpicklable)
         if not messages:
-            return
+            return None
         target: _Proc = self._pick(len(chunk.indices))
         sent = _Sent(chunk, len(chunk.indices) - len(unpicklable), split=bool(unpicklable))
         size = sum(len(message[4]) for message, _ in messages)  # shared memory aside
+        shared = sum(buffer.raw().nbytes for _, buffers in messages for buffer in buffers)
         busy = bool(target.sent)
         target.sent[chunk.id] = sent
         if busy and size > PREFETCH_MAX_BYTES:
             target.held_back.extend(messages)
-            return
-        for message, buffers in messages:
-            self._try_send(target, message, buffers)
+        else:
+            for message, buffers in messages:
+                self._try_send(target, message, buffers)
+        return size + shared
 
     def running(self) -> list[Running]:
         now_running = []
