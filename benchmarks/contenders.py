@@ -114,26 +114,17 @@ def _loop(fn: Fn, items: list[Any], workers: int) -> list[Any]:
 
 
 def _multitrack(fn: Fn, items: list[Any], workers: int) -> list[Any]:
-    import multitrack as mt
-
-    return mt.map(fn, items, workers=workers)
+    return _multitrack_on("process", fn, items, workers)
 
 
 def _multitrack_first(fn: Fn, items: list[Any], workers: int) -> float:
-    import multitrack as mt
-
-    started = time.perf_counter()
-    results = mt.imap(fn, items, workers=workers)
-    next(results)
-    elapsed = time.perf_counter() - started
-    _close(results)
-    return elapsed
+    return _multitrack_on_first("process", fn, items, workers)
 
 
 def _multitrack_on(backend: str, fn: Fn, items: list[Any], workers: int) -> list[Any]:
-    """``mt.map`` on a cluster backend: with no cluster configured (the harness's children
-    have none) it starts a local one of ``workers`` CPUs and shuts it down before returning,
-    so the timer sees the cluster's start and stop."""
+    """``mt.map`` on ``backend``. On a cluster backend, with no cluster configured (the
+    harness's children have none), it starts a local one of ``workers`` CPUs and shuts it
+    down before returning, so the timer sees the cluster's start and stop."""
     import multitrack as mt
 
     return mt.map(fn, items, workers=workers, backend=backend)
@@ -146,7 +137,7 @@ def _multitrack_on_first(backend: str, fn: Fn, items: list[Any], workers: int) -
     results = mt.imap(fn, items, workers=workers, backend=backend)
     next(results)
     elapsed = time.perf_counter() - started
-    _close(results)  # stops the local cluster, untimed (as the others' pool shutdown here)
+    _close(results)  # stops the workers (or local cluster), untimed, as for the others
     return elapsed
 
 

@@ -256,10 +256,9 @@ def test_function_that_cannot_be_sent_is_refused_before_work() -> None:
 
 
 def test_functions_and_classes_of_a_script_work_without_a_main_guard(tmp_path: Any) -> None:
-    script = tmp_path / "job.py"
-    script.write_text(
-        textwrap.dedent(
-            """
+    output = _run_script(
+        tmp_path,
+        """
             import dataclasses
             import multitrack as mt
 
@@ -275,20 +274,9 @@ def test_functions_and_classes_of_a_script_work_without_a_main_guard(tmp_path: A
             results = mt.map(work, [Job(i) for i in range(5)], workers=2)
             assert all(isinstance(r, Job) for r in results), results
             print([r.n for r in results])
-            """
-        )
+            """,
     )
-    env = dict(os.environ, MULTITRACK_PROGRESS="0")
-    done = subprocess.run(
-        [sys.executable, str(script)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "[0, 3, 6, 9, 12]"
+    assert output == ["[0, 3, 6, 9, 12]"]
 
 
 @pytest.mark.timeout(60)
@@ -312,10 +300,9 @@ def test_slow_tail_is_shared_and_every_task_runs_exactly_once(tmp_path: Any) -> 
 def test_a_scripts_function_sees_globals_set_by_its_initializer(tmp_path: Any) -> None:
     # The classic trap with functions sent by value: the initializer and the function must
     # share one globals dict in the worker.
-    script = tmp_path / "init_job.py"
-    script.write_text(
-        textwrap.dedent(
-            """
+    output = _run_script(
+        tmp_path,
+        """
             import multitrack as mt
 
             MODEL = None
@@ -328,20 +315,9 @@ def test_a_scripts_function_sees_globals_set_by_its_initializer(tmp_path: Any) -
                 return f"{MODEL}:{x}"
 
             print(mt.map(predict, [1, 2], workers=2, initializer=load, initargs=("net",)))
-            """
-        )
+            """,
     )
-    env = dict(os.environ, MULTITRACK_PROGRESS="0")
-    done = subprocess.run(
-        [sys.executable, str(script)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "['NET:1', 'NET:2']"
+    assert output == ["['NET:1', 'NET:2']"]
 
 
 def _run_script(tmp_path: Any, source: str) -> list[str]:

@@ -43,23 +43,13 @@ class ChunkSizer:
 
     def observe(self, tasks: int, busy_seconds: float) -> None:
         """A worker spent ``busy_seconds`` running ``tasks`` tasks."""
-        if tasks <= 0 or busy_seconds < 0:
-            return
-        sample = busy_seconds / tasks
-        if self.per_task is None:
-            self.per_task = sample
-        else:
-            self.per_task += SMOOTHING * (sample - self.per_task)
+        if tasks > 0 and busy_seconds >= 0:
+            self.per_task = _smoothed(self.per_task, busy_seconds / tasks)
 
     def observe_sent(self, tasks: int, nbytes: int) -> None:
         """``tasks`` tasks' arguments took ``nbytes`` to send (shared memory included)."""
-        if tasks <= 0:
-            return
-        sample = nbytes / tasks
-        if self.bytes_per_task is None:
-            self.bytes_per_task = sample
-        else:
-            self.bytes_per_task += SMOOTHING * (sample - self.bytes_per_task)
+        if tasks > 0:
+            self.bytes_per_task = _smoothed(self.bytes_per_task, nbytes / tasks)
 
     def next_size(self, remaining: int | None) -> int:
         """Size of the next chunk; ``remaining`` is how many tasks are left, when known."""
@@ -78,3 +68,8 @@ class ChunkSizer:
         if self.cap is not None:
             size = min(size, self.cap)
         return max(1, size)
+
+
+def _smoothed(estimate: float | None, sample: float) -> float:
+    """The running estimate moved ``SMOOTHING`` of the way towards the newest sample."""
+    return sample if estimate is None else estimate + SMOOTHING * (sample - estimate)

@@ -74,9 +74,8 @@ class _Flight:
     def take(self, first: int, count: int) -> bool:
         """Mark positions ``first``... as reported; ``False`` (and nothing marked) when one
         of them was reported already."""
-        if self.unreported.find(0, first, first + count) != -1 or first + count > len(
-            self.unreported
-        ):
+        end = first + count
+        if end > len(self.unreported) or self.unreported.find(0, first, end) != -1:
             return False
         self.unreported[first : first + count] = bytes(count)
         self.left -= count
@@ -124,8 +123,9 @@ class Run:
         self.exhausted = False
         # Every unsettled task is in exactly one of: a chunk in flight, or the retry queue.
         self.flights: dict[int, _Flight] = {}  # chunk id -> chunk in flight
-        self.requeued: list[tuple[float, int]] = []  # heap of (not before, index)
-        self.loose: dict[int, Any] = {}  # arguments of the requeued tasks
+        # Heap of (not before, index, arguments); an index is in it at most once, so the
+        # arguments are never compared.
+        self.requeued: list[tuple[float, int, Any]] = []
         self.runs: dict[int, int] = {}  # runs that failed, per unsettled task (absent: none)
         self.bystander: dict[int, int] = {}
         # Tasks of a lost chunk whose culprit is unknown: each runs alone next time, so a
@@ -212,7 +212,7 @@ class Run:
         return (
             self.exhausted
             and not self.flights
-            and not self.loose
+            and not self.requeued
             and not self.results
             and not self.ready
         )
@@ -260,21 +260,23 @@ class Run:
         indices: Sequence[int] = range(self.pulled - len(fresh), self.pulled)
         args = fresh
         if again:
-            indices = again + list(indices)
-            args = [self.loose.pop(index) for index in again] + fresh
+            indices = [index for index, _ in again] + list(indices)
+            args = [arg for _, arg in again] + fresh
         chunk = Chunk(self.next_chunk_id, indices, args)
         self.next_chunk_id += 1
         return chunk
 
-    def _take_requeued(self, size: int) -> list[int]:
-        """Up to ``size`` tasks of the retry queue that are due; an isolated task goes alone."""
-        taken: list[int] = []
+    def _take_requeued(self, size: int) -> list[tuple[int, Any]]:
+        """Up to ``size`` (index, arguments) of the retry queue that are due; an isolated task
+        goes alone."""
+        taken: list[tuple[int, Any]] = []
         now = self.clock()
         while self.requeued and len(taken) < size and self.requeued[0][0] <= now:
             index = self.requeued[0][1]
             if index in self.isolated and taken:
                 break
-            taken.append(heapq.heappop(self.requeued)[1])
+            _, _, args = heapq.heappop(self.requeued)
+            taken.append((index, args))
             if index in self.isolated:
                 self.isolated.discard(index)
                 break
@@ -399,8 +401,7 @@ class Run:
         self._requeue(index, args, 0.0)
 
     def _requeue(self, index: int, args: Any, not_before: float) -> None:
-        self.loose[index] = args
-        heapq.heappush(self.requeued, (not_before, index))
+        heapq.heappush(self.requeued, (not_before, index, args))
 
     def _death_error(self, index: int, args: Any, event: Lost) -> TaskError:
         task, attempts = self.describe(args), self.runs.get(index, 0) + 1

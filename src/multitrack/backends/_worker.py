@@ -319,11 +319,9 @@ class Worker:
             calls = _wire.loads(payload, buffers=buffers)
         except BaseException as exc:
             with self.claim:
-                self.queued.discard(chunk_id)
-                if chunk_id in self.skipped:  # handed back meanwhile: not ours to report
-                    self.skipped.discard(chunk_id)
-                    return
-            self.send(("chunk_error", chunk_id, first, _wire.pack_error(exc)))
+                ours = self._dequeue(chunk_id)
+            if ours:  # not handed back meanwhile
+                self.send(("chunk_error", chunk_id, first, _wire.pack_error(exc)))
             return
         tasks = iter(calls)
         if not self._claim(chunk_id, tasks, first + len(calls)):
@@ -359,12 +357,19 @@ class Worker:
     def _claim(self, chunk_id: int, tasks: Iterator[Any], end: int) -> bool:
         """Make ``chunk_id`` the running chunk, unless it was handed back while it waited."""
         with self.claim:
-            self.queued.discard(chunk_id)
-            if chunk_id in self.skipped:
-                self.skipped.discard(chunk_id)
+            if not self._dequeue(chunk_id):
                 return False
             self.running, self.tasks, self.chunk_end = chunk_id, tasks, end
             return True
+
+    def _dequeue(self, chunk_id: int) -> bool:
+        """Take ``chunk_id`` off the waiting chunks; ``False`` when it was handed back whole
+        while it waited (caller holds ``claim``)."""
+        self.queued.discard(chunk_id)
+        if chunk_id in self.skipped:
+            self.skipped.discard(chunk_id)
+            return False
+        return True
 
     def send_done(
         self, chunk_id: int, first: int, values: list[Any], errors: dict[int, Any], busy: float
