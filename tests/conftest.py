@@ -16,6 +16,12 @@ import pytest
 
 # Bars off by default in tests; tests of the bar turn it on explicitly.
 os.environ.setdefault("MULTITRACK_PROGRESS", "0")
+# numpy's OpenBLAS starts a thread per core when imported (test modules import it); with them
+# alive the process backend would never fork a worker here, and the fork path would go
+# untested. One BLAS thread, as each worker gets on this 2-core machine anyway.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+from multitrack.backends import _start
 
 LEAK_GRACE = 3.0  # seconds a child or thread may take to go away after a call returned
 
@@ -58,3 +64,25 @@ def no_leftovers() -> Iterator[None]:
             pass
     assert not children, f"child processes left behind: {[c.pid for c in children]}"
     assert not threads, f"threads left behind: {[t.name for t in threads]}"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Cluster tests last. Ray and dask leave native threads (grpc, Ray's I/O) in this process
+    after their clusters stop, and with any other thread alive the process backend starts
+    fresh interpreters instead of forks: every other test should see a single-threaded
+    process, as a user's script is."""
+    items.sort(key=lambda item: item.path.name == "test_distributed.py")
+
+
+@pytest.fixture(params=["fork", "spawn"])
+def each_start_method(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test once with forked workers and once with fresh interpreters (the variable
+    reaches the scripts a test starts, too)."""
+    method: str = request.param
+    if method == "spawn":
+        monkeypatch.setenv(_start.START_METHOD_ENV, "spawn")
+    else:
+        monkeypatch.delenv(_start.START_METHOD_ENV, raising=False)
+        threads = _start.os_threads()
+        assert _start.start_method() == "fork", f"{threads} threads here: workers would not fork"
+    return method

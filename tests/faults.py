@@ -217,3 +217,26 @@ def wait_for_file(x: int, path: str, seconds: float = 30.0) -> int:
     while x == 1 and not os.path.exists(path) and time.monotonic() < deadline:
         time.sleep(0.01)
     return x
+
+
+def imported(name: str) -> bool:
+    """Whether module ``name`` is loaded in the process running this task."""
+    return name in sys.modules
+
+
+def environment(name: str) -> str | None:
+    return os.environ.get(name)
+
+
+def pid_and_draw(_: Any) -> tuple[int, float]:
+    """This worker's pid and a draw from numpy's global generator."""
+    import numpy as np
+
+    time.sleep(0.01)  # so that both workers get some of the tasks
+    return os.getpid(), float(np.random.random())
+
+
+def sigterm_self(_: Any) -> int:
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(5)
+    return 0

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import itertools
 import os
-import subprocess
-import sys
-import textwrap
 from typing import Any
 
 import pytest
 
 import faults
 import multitrack as mt
+from scripts import run_script
 
 BACKENDS = ["process", "thread", "serial"]
 
@@ -255,6 +253,7 @@ def test_function_that_cannot_be_sent_is_refused_before_work() -> None:
 # -- the caller's script: no __main__ guard needed, its functions and classes just work -----
 
 
+@pytest.mark.usefixtures("each_start_method")
 def test_functions_and_classes_of_a_script_work_without_a_main_guard(tmp_path: Any) -> None:
     output = _run_script(
         tmp_path,
@@ -297,6 +296,7 @@ def test_slow_tail_is_shared_and_every_task_runs_exactly_once(tmp_path: Any) -> 
     assert len(slow_pids) == 2, "both workers should have run some of the slow tail"
 
 
+@pytest.mark.usefixtures("each_start_method")
 def test_a_scripts_function_sees_globals_set_by_its_initializer(tmp_path: Any) -> None:
     # The classic trap with functions sent by value: the initializer and the function must
     # share one globals dict in the worker.
@@ -322,19 +322,7 @@ def test_a_scripts_function_sees_globals_set_by_its_initializer(tmp_path: Any) -
 
 def _run_script(tmp_path: Any, source: str) -> list[str]:
     """Run ``source`` as a script (its own ``__main__``) and return its output lines."""
-    script = tmp_path / "job.py"
-    script.write_text(textwrap.dedent(source))
-    env = dict(os.environ, MULTITRACK_PROGRESS="0")
-    done = subprocess.run(
-        [sys.executable, str(script)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    return done.stdout.splitlines()
+    return run_script(tmp_path, source).splitlines()
 
 
 def test_later_pool_calls_see_globals_set_by_the_initializer(tmp_path: Any) -> None:
@@ -368,6 +356,7 @@ def test_later_pool_calls_see_globals_set_by_the_initializer(tmp_path: Any) -> N
     assert lines == ["['NET:1', 'NET:2', 'NET:3']", "['NET-1!', 'NET-2!', 'NET-3!']"]
 
 
+@pytest.mark.usefixtures("each_start_method")
 def test_a_constant_changed_between_pool_calls_reaches_the_workers(tmp_path: Any) -> None:
     # The initializer's globals are kept, but every other global takes the caller's value
     # of the moment: SCALE changes between the calls, MODEL stays what the initializer set.

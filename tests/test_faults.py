@@ -22,7 +22,9 @@ import pytest
 
 import faults
 import multitrack as mt
-from multitrack.backends import _process
+from multitrack.backends import _process, _start, _worker
+
+pytestmark = pytest.mark.usefixtures("each_start_method")
 
 CRASHES = [
     pytest.param(faults.sigkill_on, "SIGKILL", None, id="sigkill"),
@@ -205,7 +207,8 @@ def test_initializer_traceback_is_kept() -> None:
 @pytest.mark.timeout(30)
 def test_worker_that_never_boots_is_a_start_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_process, "BOOT_TIMEOUT", 1.0)
-    monkeypatch.setattr(_process, "_BOOT", "import time; time.sleep(60)")
+    monkeypatch.setattr(_start, "_BOOT", "import time; time.sleep(60)")  # a fresh one
+    monkeypatch.setattr(_worker, "run", lambda *fds: time.sleep(60))  # a fork (it inherits this)
     with pytest.raises(mt.WorkerStartError, match="did not start within"):
         mt.map(faults.square, range(4), workers=2)
 

@@ -12,7 +12,10 @@ import faults
 import multitrack as mt
 from multitrack.backends import _channel
 
-pytestmark = pytest.mark.skipif(not _channel.SHARED_MEMORY, reason="needs memfd (Linux)")
+pytestmark = [
+    pytest.mark.skipif(not _channel.SHARED_MEMORY, reason="needs memfd (Linux)"),
+    pytest.mark.usefixtures("each_start_method"),
+]
 
 MB8 = 1_000_000  # float64 elements: 8 MB
 

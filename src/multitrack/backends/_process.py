@@ -49,13 +49,12 @@ tasks on 2 workers; a reused pool went from 0.45 s to 0.11 s, ``Pool.map`` takes
 * importing ``multiprocessing.connection`` cost each worker 17 ms of start-up, so the framing
   is our own 100 lines (``_channel``).
 
-Start method: workers are *fresh interpreters* started with ``subprocess`` (fork + exec), not
-``fork()`` of the caller. fork is fast but copies locks held by other threads (OpenMP, torch,
-logging) and is unsafe on macOS; Python 3.14 moved off it for that reason. Unlike
-multiprocessing's spawn, we do not re-import the caller's ``__main__`` in each worker: no
-``if __name__ == "__main__"`` guard is needed, and functions and classes defined in a script or
-notebook travel by value (cloudpickle). Cost: each worker pays interpreter start-up (tens of
-ms, in parallel) and imports what the function needs; ``mt.Pool`` pays it once.
+Start method (``_start``): a worker is a ``fork()`` of the caller when the caller has a single
+OS thread (no lock can then be held by another thread), else a fresh interpreter. Either way
+the function travels pickled (cloudpickle for what plain pickle cannot carry), so no
+``if __name__ == "__main__"`` guard is needed and a script's functions behave the same in both.
+A fork starts in about a millisecond; a fresh interpreter costs tens of ms and the function's
+imports, once per worker (``mt.Pool`` pays it once).
 
 Output: each worker's stdout/stderr is a pipe read here and relayed line by line through the
 progress bar, so prints neither garble the bar nor vanish in a notebook.
@@ -73,6 +72,7 @@ import socket
 import subprocess
 import sys
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
@@ -90,6 +90,7 @@ from multitrack.backends._base import (
 )
 from multitrack.backends._channel import Channel
 from multitrack.backends._pooled import PooledBackend
+from multitrack.backends._start import WorkerProcess, start_method, start_worker, thread_limits
 from multitrack.backends._worker import SLOT_SIZE, read_slot
 
 # A worker must say "booted" within this many seconds of being started (interpreter start-up
@@ -103,15 +104,9 @@ EXIT_GRACE = 2.0
 # with it every deadline) would wait for that task.
 PREFETCH_MAX_BYTES = 64 * 1024
 
-_PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-_BOOT = (
-    f"import sys; sys.path.insert(0, {_PACKAGE_PARENT!r}); "
-    "from multitrack.backends._worker import main; main()"
-)
-# Native thread pools: without a cap every worker starts one thread per core and N workers
-# fight over N cores. A user's own setting wins.
-_THREAD_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMEXPR_NUM_THREADS")
 HAS_PIDFD = hasattr(os, "pidfd_open")
+# Every backend with workers, for a forked child to close their parent-side ends.
+_live_backends: weakref.WeakSet[ProcessBackend] = weakref.WeakSet()
 
 
 # A message to a worker and the large buffers that travel beside it in shared memory.
@@ -130,7 +125,7 @@ class _Proc:
     """One worker process as seen from the parent."""
 
     key: int
-    popen: subprocess.Popen[bytes]
+    popen: WorkerProcess  # a subprocess.Popen, or a _start.ForkedProcess
     conn: Channel
     slot: mmap.mmap
     pidfd: int | None
@@ -169,7 +164,9 @@ class ProcessBackend(PooledBackend):
         self._output: Output = _print_through
         self._active = False
         self._closed = False
-        self._thread_env = _thread_limits(workers)
+        self._thread_limits = thread_limits(workers)
+        start_method()  # a bad MULTITRACK_START_METHOD fails here, before any worker starts
+        _live_backends.add(self)
 
     # -- call lifecycle -------------------------------------------------------------------
 
@@ -209,6 +206,7 @@ class ProcessBackend(PooledBackend):
         if self._closed:
             return
         self._closed = True
+        _live_backends.discard(self)
         self._active = False
         procs = list(self._procs.values())
         if not kill:
@@ -445,19 +443,16 @@ class ProcessBackend(PooledBackend):
             with child_sock, _slot_file() as slot_file:
                 os.ftruncate(slot_file.fileno(), SLOT_SIZE)
                 fds = (child_sock.fileno(), slot_file.fileno())
-                popen = subprocess.Popen(
-                    [sys.executable, "-c", _BOOT, *map(str, fds)],
-                    pass_fds=fds,
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    start_new_session=True,
-                    env=self._thread_env,
-                )
+                # A forked child must not keep the parent's end of its own socket, nor of any
+                # other worker's: the worker would then never see EOF when the caller dies.
+                parent_ends = [parent_sock.fileno(), *_parent_ends()]
+                popen = start_worker(*fds, parent_ends, self._thread_limits)
                 slot = mmap.mmap(slot_file.fileno(), SLOT_SIZE)
-        except OSError as exc:
+        except BaseException as exc:
             parent_sock.close()
-            raise WorkerStartError(f"could not start a worker process: {exc}") from exc
+            if isinstance(exc, OSError):
+                raise WorkerStartError(f"could not start a worker process: {exc}") from exc
+            raise
         for stream in (popen.stdout, popen.stderr):
             if stream is not None:
                 os.set_blocking(stream.fileno(), False)
@@ -586,6 +581,19 @@ class ProcessBackend(PooledBackend):
             self._output(complete.decode("utf-8", "replace"), name)
 
 
+def _parent_ends() -> list[int]:
+    """The open parent-side descriptors of every live worker of every backend."""
+    ends = []
+    for backend in list(_live_backends):
+        for proc in backend._procs.values():
+            ends.append(proc.conn.fileno())
+            if proc.pidfd is not None:
+                ends.append(proc.pidfd)
+            streams = (proc.popen.stdout, proc.popen.stderr)
+            ends.extend(s.fileno() for s in streams if s is not None and not s.closed)
+    return ends
+
+
 def _dump_function(fn: Any, argument: str) -> bytes:
     """Pickle what workers need to call. Plain pickle when it can (an importable function
     travels by name, and the worker need not import cloudpickle: ~30 ms of its start-up)."""
@@ -630,14 +638,6 @@ def _pidfd(pid: int) -> int | None:
         return os.pidfd_open(pid)
     except OSError:  # old kernel
         return None
-
-
-def _thread_limits(workers: int) -> dict[str, str]:
-    env = dict(os.environ)
-    per_worker = str(max(1, (os.cpu_count() or 1) // max(1, workers)))
-    for name in _THREAD_ENV:
-        env.setdefault(name, per_worker)
-    return env
 
 
 def _stderr_tail(proc: _Proc) -> str:

@@ -1,6 +1,6 @@
 """The child side of the process backend: one worker process.
 
-A worker is a fresh interpreter started by ``_process.py`` (never a fork of the caller). It owns
+A worker is a fork of the caller or a fresh interpreter (``_start`` says which and why). It owns
 the child ends of two things the parent created for it:
 
 * a duplex socket (``conn``): chunks and control messages come in, results go out; a reader
@@ -433,13 +433,18 @@ def _make_picklable(values: list[Any], errors: dict[int, Any]) -> None:
 
 
 def main() -> None:
-    """Entry point: ``python -c '...main()' CONN_FD SLOT_FD``."""
+    """Entry point of a fresh interpreter: ``python -c '...main()' CONN_FD SLOT_FD``."""
+    run(int(sys.argv[1]), int(sys.argv[2]))
+
+
+def run(conn_fd: int, slot_fd: int) -> None:
+    """Serve the parent on ``conn_fd`` until told to stop (a fresh interpreter's ``main`` and
+    a forked child both end up here; see ``_start``)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     faulthandler.enable()
     # Worker output is relayed line by line above the caller's progress bar.
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(line_buffering=True)
-    conn_fd, slot_fd = int(sys.argv[1]), int(sys.argv[2])
     worker = Worker(Channel(socket.socket(fileno=conn_fd)), Slot(slot_fd))
     os.close(slot_fd)
     try:

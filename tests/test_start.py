@@ -1,0 +1,122 @@
+"""How workers start (``backends/_start.py``): forked when the caller has a single thread,
+fresh interpreters otherwise; the same worker, the same behaviour, either way."""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+import faults
+import multitrack as mt
+from multitrack.backends import _start
+from scripts import run_script
+
+# A module no worker imports on its own: a worker has it only when it inherited the caller's.
+MARKER = "colorsys"
+
+
+def test_workers_fork_when_the_caller_has_a_single_thread() -> None:
+    __import__(MARKER)
+    assert _start.start_method() == "fork"
+    assert mt.map(faults.imported, [MARKER] * 4, workers=2) == [True] * 4
+
+
+def test_workers_are_fresh_interpreters_while_another_thread_runs() -> None:
+    __import__(MARKER)
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait)
+    other.start()
+    try:
+        assert _start.start_method() == "spawn"
+        assert mt.map(faults.imported, [MARKER] * 4, workers=2) == [False] * 4
+    finally:
+        stop.set()
+        other.join()
+
+
+def test_the_environment_variable_forces_fresh_interpreters(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    __import__(MARKER)
+    monkeypatch.setenv(_start.START_METHOD_ENV, "spawn")
+    assert mt.map(faults.imported, [MARKER] * 4, workers=2) == [False] * 4
+
+
+def test_an_unknown_start_method_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(_start.START_METHOD_ENV, "forkserver")
+    with pytest.raises(ValueError, match="MULTITRACK_START_METHOD='forkserver'"):
+        mt.map(abs, [1, 2], workers=2)
+
+
+def test_the_os_thread_count_sees_native_threads() -> None:
+    before = _start.os_threads()
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait)
+    other.start()
+    try:
+        assert _start.os_threads() == before + 1
+    finally:
+        stop.set()
+        other.join()
+
+
+@pytest.mark.usefixtures("each_start_method")
+def test_native_thread_caps_reach_the_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("MKL_NUM_THREADS", "3")  # the user's own setting wins
+    per_worker = str(max(1, (os.cpu_count() or 1) // 2))
+    got = mt.map(faults.environment, ["OMP_NUM_THREADS", "MKL_NUM_THREADS"], workers=2)
+    assert got == [per_worker, "3"]
+
+
+def test_forked_workers_do_not_share_numpy_random_state() -> None:
+    np = pytest.importorskip("numpy")
+    np.random.random()  # the caller's global generator exists before the workers start
+    draws = mt.map(faults.pid_and_draw, range(40), workers=2, chunksize=1)
+    by_pid: dict[int, set[float]] = {}
+    for pid, value in draws:
+        by_pid.setdefault(pid, set()).add(value)
+    assert len(by_pid) == 2, "both workers should have run tasks"
+    first, second = by_pid.values()
+    assert not first & second, "two workers drew the same numbers"
+    assert float(np.random.random()) not in first | second  # nor the caller's next ones
+
+
+def test_the_callers_signal_handlers_stay_in_the_caller() -> None:
+    # A forked worker starts with the caller's Python handlers; a SIGTERM must kill it as it
+    # kills a fresh interpreter, not run the caller's handler there.
+    import signal
+
+    ran: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda *_: ran.append(1))
+    try:
+        [outcome] = mt.map(faults.sigterm_self, [0], workers=1, errors="return")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert isinstance(outcome, mt.WorkerCrashed)
+    assert outcome.signal == "SIGTERM"
+    assert not ran
+
+
+def test_output_buffered_before_the_fork_is_printed_once(tmp_path: Path) -> None:
+    # Without a flush before fork(), a worker's first print would carry the caller's
+    # unflushed text along, and it would appear twice.
+    stdout = run_script(
+        tmp_path,
+        """
+        import sys, multitrack as mt
+
+        def shout(x):
+            print("worker", x)
+            return x
+
+        sys.stdout.write("caller-before ")
+        print(mt.map(shout, [1, 2], workers=2, chunksize=1))
+        """,
+        without_env=["PYTHONUNBUFFERED"],
+    )
+    assert stdout.count("caller-before") == 1, stdout
+    assert stdout.count("worker 1") == stdout.count("worker 2") == 1, stdout
