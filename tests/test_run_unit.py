@@ -394,6 +394,14 @@ def test_auto_chunks_start_at_one_then_target_the_measured_time() -> None:
     assert sizer.next_size(None) < int(TARGET_SECONDS / 0.001)
 
 
+def test_a_slow_first_task_does_not_keep_chunks_small() -> None:
+    # The first task pays first-call costs (60 us here); the next thousand take 0.2 us each.
+    sizer = ChunkSizer(fixed=None, slots=2)
+    sizer.observe(1, 60e-6)
+    sizer.observe(1000, 200e-6)
+    assert sizer.next_size(None) == MAX_CHUNK
+
+
 def test_auto_chunks_are_capped_and_shrink_at_the_end() -> None:
     sizer = ChunkSizer(fixed=None, slots=2)
     sizer.observe(1000, 1e-6)

@@ -12,6 +12,10 @@ length (which may be unknown) or a constant:
 * then aim for ``TARGET_SECONDS`` of work per chunk: the fixed cost stays under ~1 %, results
   (and so the bar) still move many times a second, and a crash re-runs at most that much
   finished work;
+* estimate the time per task as decayed total busy time over decayed total tasks: a chunk
+  of 1,000 tasks weighs 1,000 times a chunk of one. (A running mean of per-chunk samples let
+  the first task, slow with first-call costs, keep chunks of 0.2 µs tasks a hundred times too
+  small for the whole of a 200,000-task run);
 * near the end of a known-length input, shrink chunks so every worker gets a share of what is
   left (no worker sits idle while one finishes a big last chunk);
 * keep a chunk's arguments under ``MAX_CHUNK_BYTES``, measured as they are sent: each worker
@@ -27,7 +31,8 @@ import math
 TARGET_SECONDS = 0.05
 MAX_CHUNK = 20_000
 MAX_CHUNK_BYTES = 32 * 1024 * 1024
-# Weight of the newest measurement in the running estimate of seconds per task.
+# Weight of the newest measurement in the running estimates (the older ones decay by
+# 1 - SMOOTHING at each new one, so the estimates follow tasks that change).
 SMOOTHING = 0.3
 
 
@@ -39,12 +44,15 @@ class ChunkSizer:
         self.slots = max(1, slots)
         self.cap = cap
         self.per_task: float | None = None  # seconds, estimated
+        self._busy = self._tasks = 0.0  # decayed sums behind per_task
         self.bytes_per_task: float | None = None  # of arguments sent, estimated
 
     def observe(self, tasks: int, busy_seconds: float) -> None:
         """A worker spent ``busy_seconds`` running ``tasks`` tasks."""
         if tasks > 0 and busy_seconds >= 0:
-            self.per_task = _smoothed(self.per_task, busy_seconds / tasks)
+            self._busy = self._busy * (1 - SMOOTHING) + busy_seconds
+            self._tasks = self._tasks * (1 - SMOOTHING) + tasks
+            self.per_task = self._busy / self._tasks
 
     def observe_sent(self, tasks: int, nbytes: int) -> None:
         """``tasks`` tasks' arguments took ``nbytes`` to send (shared memory included)."""
@@ -58,7 +66,8 @@ class ChunkSizer:
         elif self.per_task is None:
             size = 1
         else:
-            size = int(TARGET_SECONDS / max(self.per_task, 1e-7))
+            per_task = max(self.per_task, 1e-9)
+            size = int(TARGET_SECONDS / per_task)
             if remaining is not None:
                 # Leave work for every worker's running and waiting chunk.
                 size = min(size, math.ceil(remaining / (self.slots * 2)))

@@ -337,16 +337,25 @@ class Worker:
         self.slot.start_chunk(chunk_id, first, begun)
         # The hot loop: per task, one C-level next(), one 8-byte store and the call. Only
         # tasks with deadlines pay for reading the clock (as much as a trivial task costs).
-        for position, arg in enumerate(tasks, first):
-            if timed:
+        # Two copies of the loop, and ``append`` bound once: a branch and an attribute
+        # lookup per task cost as much again as the rest (timeit: 170 -> 90 ns a task).
+        append = values.append
+        if timed:
+            for position, arg in enumerate(tasks, first):
                 ints[3] = (int((clock() - begun) * 1000.0) << POSITION_BITS) | position
-            else:
+                try:
+                    append(fn(arg))
+                except BaseException as exc:  # SystemExit, KeyboardInterrupt too: it failed
+                    errors[len(values)] = _wire.pack_error(exc)
+                    append(None)
+        else:
+            for position, arg in enumerate(tasks, first):
                 ints[3] = position
-            try:
-                values.append(fn(arg))
-            except BaseException as exc:  # SystemExit, KeyboardInterrupt too: a task failure
-                errors[len(values)] = _wire.pack_error(exc)
-                values.append(None)
+                try:
+                    append(fn(arg))
+                except BaseException as exc:
+                    errors[len(values)] = _wire.pack_error(exc)
+                    append(None)
         with self.claim:
             self.running = IDLE
         with self.reporting:
