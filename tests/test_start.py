@@ -3,6 +3,7 @@ fresh interpreters otherwise; the same worker, the same behaviour, either way.""
 
 from __future__ import annotations
 
+import gc
 import os
 import threading
 from pathlib import Path
@@ -120,3 +121,27 @@ def test_output_buffered_before_the_fork_is_printed_once(tmp_path: Path) -> None
     )
     assert stdout.count("caller-before") == 1, stdout
     assert stdout.count("worker 1") == stdout.count("worker 2") == 1, stdout
+
+
+def test_a_forked_worker_never_finalizes_the_callers_garbage(tmp_path: Path) -> None:
+    # Garbage the caller had not collected yet is copied into a forked worker; collecting it
+    # there would run its finalizer a second time, in the wrong process.
+    marker = tmp_path / "finalized-by"
+
+    class Cycle:
+        def __init__(self) -> None:
+            self.me = self
+
+        def __del__(self) -> None:
+            marker.write_text(str(os.getpid()))
+
+    assert _start.start_method() == "fork"
+    gc.disable()
+    try:
+        Cycle()
+        mt.map(faults.collect_garbage, range(4), workers=2, chunksize=1)
+        assert not marker.exists(), f"finalized in pid {marker.read_text()}"
+    finally:
+        gc.enable()
+        gc.collect()
+    assert marker.read_text() == str(os.getpid())

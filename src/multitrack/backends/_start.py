@@ -34,6 +34,7 @@ returns into the caller's code: it leaves with ``os._exit``.
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import subprocess
@@ -170,6 +171,10 @@ def _become_worker(
     ``os._exit``, whatever happens (returning would run the caller's code a second time)."""
     code = 1
     try:
+        # The caller's objects are the caller's: the collector never visits them here, so it
+        # neither runs finalizers of the caller's garbage (a temporary file's, say) nor
+        # touches, and so copies, their pages.
+        gc.freeze()
         os.setsid()
         _reset_signals(mask)
         for fd in closing:
