@@ -212,12 +212,7 @@ class ProcessBackend(PooledBackend):
         if not kill:
             for proc in procs:
                 self._try_send(proc, ("stop",))
-            deadline = time.monotonic() + EXIT_GRACE
-            for proc in procs:
-                try:
-                    proc.popen.wait(max(0.0, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    pass
+            _wait_for_exits(procs, time.monotonic() + EXIT_GRACE)
         for proc in procs:
             self._kill(proc)
             self._reap(proc, report=False)
@@ -579,6 +574,22 @@ class ProcessBackend(PooledBackend):
         proc.pending_out[name] = rest
         if complete:
             self._output(complete.decode("utf-8", "replace"), name)
+
+
+def _wait_for_exits(procs: list[_Proc], deadline: float) -> None:
+    """Wait until every one of ``procs`` has exited, or ``deadline``. On their pidfds, so each
+    exit is seen at once (``Popen.wait`` polls with growing sleeps: up to twice the time a
+    worker takes to exit, which is most of what closing a one-shot call costs)."""
+    exiting = {proc.pidfd: proc for proc in procs if proc.pidfd is not None}
+    while exiting and (left := deadline - time.monotonic()) > 0:
+        for fd in _wait(exiting, left):
+            del exiting[fd]
+    for proc in procs:
+        if proc.pidfd is None:
+            try:
+                proc.popen.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
 
 
 def _parent_ends() -> list[int]:
