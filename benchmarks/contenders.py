@@ -313,7 +313,10 @@ _ALL = (
         _multitrack,
         _multitrack_first,
         peer=False,
-        notes=("workers are fresh interpreters (no fork); chunksize adapts to task time",),
+        notes=(
+            "workers fork when the caller has one thread, else fresh interpreters; "
+            "chunksize adapts to task time",
+        ),
     ),
     Contender(
         "multitrack-pool",

@@ -371,8 +371,10 @@ def _method(results: Results) -> str:
   alive {runner.LEAK_GRACE_S:.0f} s after the run ended is killed and reported as left behind.
 - **Start methods** are each library's default on this Python: `fork` for `multiprocessing`,
   `concurrent.futures`, pebble, mpire, `process_map` and mmengine; fresh interpreters for joblib
-  (loky) and multitrack. `fork` starts workers faster, and it is what those users get today;
-  Python 3.14 moves the default to `forkserver`.
+  (loky). multitrack forks when the calling process has a single OS thread and starts fresh
+  interpreters otherwise: here it forks on (a), (b), (c), (d), (f) and the cold start, and
+  starts fresh interpreters on (e), whose caller imported numpy (OpenBLAS threads) to build
+  the inputs. Python 3.14 moves the default of `multiprocessing` to `forkserver`.
 - **OpenCV** uses one thread per process in (a), loop included (`cv2.setNumThreads(1)` in the
   task), so the loop is a one-core baseline and workers do not oversubscribe the cores.
 - `process_map` gets `chunksize=ceil(n / 4N)` (`Pool.map`'s rule) above 1000 items, where tqdm
