@@ -296,6 +296,26 @@ def test_slow_tail_is_shared_and_every_task_runs_exactly_once(tmp_path: Any) -> 
     assert len(slow_pids) == 2, "both workers should have run some of the slow tail"
 
 
+@pytest.mark.timeout(60)
+def test_a_reused_pool_shares_the_slow_tail_of_every_call(tmp_path: Any) -> None:
+    # A fixed chunksize gives every call the same chunk ids, so a give-back remembered from
+    # one call (by chunk id) would stop the next call's tail from being asked back: its six
+    # slow tasks would then all run on one worker.
+    import functools
+
+    tasks = [(i, 0.001) for i in range(24)] + [(24 + i, 0.1) for i in range(6)]
+    with mt.Pool(workers=2, chunksize=6, progress=False) as pool:
+        for call in range(3):
+            log_dir = tmp_path / str(call)
+            log_dir.mkdir()
+            job = functools.partial(faults.sleep_and_log, log_dir=str(log_dir))
+            assert pool.map(job, tasks) == list(range(30))
+            slow_pids = {
+                name.split("-")[1] for name in os.listdir(log_dir) if int(name.split("-")[0]) >= 24
+            }
+            assert len(slow_pids) == 2, f"call {call}: the slow tail ran on one worker"
+
+
 @pytest.mark.usefixtures("each_start_method")
 def test_a_scripts_function_sees_globals_set_by_its_initializer(tmp_path: Any) -> None:
     # The classic trap with functions sent by value: the initializer and the function must

@@ -200,6 +200,7 @@ class ProcessBackend(PooledBackend):
                 self._reap(proc, report=False)
             proc.sent.clear()
             proc.held_back.clear()
+            proc.asked_back.clear()
         self._fn = None
 
     def close(self, *, kill: bool = False) -> None:
@@ -369,6 +370,9 @@ class ProcessBackend(PooledBackend):
         sent.remaining -= count
         if sent.remaining <= 0:
             del proc.sent[chunk_id]
+            # Chunk ids start again at 0 in each call of a reused pool: a stale entry would
+            # stop a later chunk with this id from ever being asked back.
+            proc.asked_back.discard(chunk_id)
             for message, buffers in proc.held_back:  # the worker is idle: send what waited
                 self._try_send(proc, message, buffers)
             proc.held_back.clear()
