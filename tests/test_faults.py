@@ -70,6 +70,32 @@ def test_crash_inside_a_chunk_blames_one_item_and_reruns_the_rest() -> None:
     assert [r for i, r in enumerate(results) if i != 3] == [i for i in range(40) if i != 3]
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.usefixtures("each_start_method")
+def test_crash_among_many_quick_tasks_is_charged_to_its_one_task() -> None:
+    # Quick tasks run in blocks that mark only the block as running: the first death is
+    # charged to nobody, the block's unfinished tasks run again one by one, and the second
+    # death is exact. No task loses its result, and the culprit used one attempt.
+    bad = 2_345
+    crash = functools.partial(faults.sigkill_on, bad=bad)
+    results = mt.map(crash, range(5_000), workers=2, errors="return")
+    crashed = results[bad]
+    assert isinstance(crashed, mt.WorkerCrashed) and crashed.index == bad
+    assert crashed.attempts == 1
+    assert [r for i, r in enumerate(results) if i != bad] == [i for i in range(5_000) if i != bad]
+
+
+@pytest.mark.timeout(30)
+def test_exceptions_among_many_quick_tasks_keep_every_other_result() -> None:
+    of = 97  # failures at the start, middle and end of blocks of quick tasks
+    fail = functools.partial(faults.fail_on_multiples, of=of)
+    results = mt.map(fail, range(20_000), workers=2, errors="return")
+    failed = [i for i, r in enumerate(results) if isinstance(r, mt.TaskError)]
+    assert failed == list(range(0, 20_000, of))
+    assert all(results[i].index == i for i in failed)
+    assert [r for i, r in enumerate(results) if i % of] == [i for i in range(20_000) if i % of]
+
+
 RAISED = [
     pytest.param(faults.fail_on, ValueError, id="exception"),
     pytest.param(faults.sys_exit_on, SystemExit, id="sys.exit"),

@@ -36,13 +36,17 @@ class Script:
     """What a fake task does, decided by its argument."""
 
     OK, RAISE, CRASH, HANG, DIE_BETWEEN = "ok", "raise", "crash", "hang", "die-between"
+    CRASH_IN_BLOCK = "crash-in-block"  # like the process backend's blocks of quick tasks
+    BLOCK = 4
 
 
 class FakeBackend(Backend):
     """Runs a chunk per worker per poll. A task's argument says what it does:
     ``("ok", value)``, ``("raise", exc)``, ``("crash",)`` (its worker dies while running
     it), ``("hang",)`` (runs until killed), ``("die-between",)`` (its worker dies before
-    starting it). Each task takes ``seconds`` of fake time."""
+    starting it), ``("crash-in-block",)`` (its worker dies while running a block of
+    ``Script.BLOCK`` tasks marked as one: the block's earlier tasks finished, unreported).
+    Each task takes ``seconds`` of fake time."""
 
     can_kill = True
 
@@ -96,6 +100,13 @@ class FakeBackend(Backend):
                 self.next_pid += 1
                 queue.clear()
                 return [*completed_from_outcomes(chunk.id, outcomes, 0.0), lost]
+            if kind == Script.CRASH_IN_BLOCK:
+                block = position - position % Script.BLOCK
+                span = min(Script.BLOCK, len(chunk.args) - block)
+                reported = [outcome for outcome in outcomes if outcome[0] < block]
+                lost = Lost(worker, [c.id for c in queue], (chunk.id, block), -9, 1, span=span)
+                queue.clear()
+                return [*completed_from_outcomes(chunk.id, reported, 0.0), lost]
             self.clock.now += self.seconds
             if kind == Script.RAISE:
                 outcomes.append((position, False, args[1]))
@@ -245,6 +256,21 @@ def test_crash_is_blamed_on_the_one_running_task_and_the_rest_rerun() -> None:
     # the innocent tasks of the lost chunks were submitted again
     assert sum(4 in c.indices for c in backend.submitted) == 1
     assert sum(6 in c.indices for c in backend.submitted) == 2
+
+
+def test_crash_in_a_block_of_quick_tasks_reruns_its_suspects_alone_then_blames_one() -> None:
+    inputs = [ok(i) for i in range(12)]
+    inputs[5] = (Script.CRASH_IN_BLOCK,)
+    run, backend, progress = make_run(inputs, chunksize=8, errors="return")
+    results = list(run)
+    crashed = results[5]
+    assert isinstance(crashed, WorkerCrashed) and crashed.index == 5
+    assert crashed.attempts == 1  # the first death was nobody's: it used no attempt
+    assert [r for i, r in enumerate(results) if i != 5] == [i for i in range(12) if i != 5]
+    assert progress.failed == 1 and progress.done == 12
+    # The block (positions 4-7) ran again one task per chunk; its neighbours were not isolated
+    alone = {c.indices[0] for c in backend.submitted if len(c.indices) == 1}
+    assert alone == {4, 5, 6, 7}
 
 
 def test_worker_dying_between_tasks_cannot_requeue_forever() -> None:

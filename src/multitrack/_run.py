@@ -374,21 +374,16 @@ class Run:
             if flight is None:
                 continue
             chunk, unfinished = flight.chunk, flight.unfinished()
-            blamed = None
-            # With no task known to be running, the suspects are the tasks of the chunk the
-            # worker was on (the oldest it held); tasks of its waiting chunks never started.
-            suspect = event.running is None and chunk_id == event.chunk_ids[0]
-            if event.running is not None and event.running[0] == chunk_id:
-                blamed = event.running[1]
-            elif suspect and len(unfinished) > 1:
-                # The culprit is one of them: run each alone.
-                self.isolated.update(chunk.indices[position] for position in unfinished)
+            blamed, suspects = _culprit(event, chunk_id, unfinished)
+            # The culprit is one of the suspects: each runs alone next time, so that a second
+            # death is charged exactly.
+            self.isolated.update(chunk.indices[position] for position in suspects)
             for position in unfinished:
                 index, args = chunk.indices[position], chunk.args[position]
                 if position == blamed:
                     self._fail(index, self._death_error(index, args, event), args)
                 else:
-                    self._requeue_unstarted(index, args, event, suspect=suspect)
+                    self._requeue_unstarted(index, args, event, suspect=position in suspects)
 
     def _requeue_unstarted(self, index: int, args: Any, event: Lost, *, suspect: bool) -> None:
         """An unfinished task of a lost worker that was not running when it went: run it
@@ -490,3 +485,19 @@ class Run:
             f"hold TaskError. First: {first}\n",
             stream="stderr",
         )
+
+
+def _culprit(event: Lost, chunk_id: int, unfinished: list[int]) -> tuple[int | None, set[int]]:
+    """Of the unfinished positions of a lost worker's chunk: the one to blame for the death,
+    or else the suspects (none when the chunk was only waiting)."""
+    if event.running is None:
+        # No task known to be running: the suspects are the tasks of the chunk the worker
+        # was on (the oldest it held); tasks of its waiting chunks never started.
+        return None, set(unfinished) if chunk_id == event.chunk_ids[0] else set()
+    running_chunk, position = event.running
+    if running_chunk != chunk_id:
+        return None, set()
+    if event.span == 1:
+        return position, set()
+    # It was running a block of quick tasks: any unfinished one of the block may be it.
+    return None, {p for p in unfinished if position <= p < position + event.span}

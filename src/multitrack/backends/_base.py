@@ -83,8 +83,10 @@ class Lost:
     """A worker is gone (it died, or ``kill`` was asked) with chunks still assigned to it.
 
     ``running`` is ``(chunk_id, position)`` of the item it was running when it went, or
-    ``None`` when it was between items. Every unfinished item of ``chunk_ids`` must be
-    blamed or resubmitted by the scheduler."""
+    ``None`` when it was between items; with ``span`` above 1 it was running one of the
+    items ``position`` ... ``position + span - 1``, not known which (a block of quick tasks
+    marked as one). Every unfinished item of ``chunk_ids`` must be blamed or resubmitted by
+    the scheduler."""
 
     worker: int
     chunk_ids: list[int]
@@ -92,6 +94,7 @@ class Lost:
     returncode: int | None
     pid: int | None
     killed: bool = False
+    span: int = 1
 
 
 @dataclass(slots=True)

@@ -527,15 +527,17 @@ class ProcessBackend(PooledBackend):
                 f"ready (pid {proc.pid}){_stderr_tail(proc)}"
             )
         if report and proc.sent:
-            running = (current[0], current[1]) if current and current[0] in proc.sent else None
+            if current is not None and current.chunk_id not in proc.sent:
+                current = None  # a chunk of an earlier call
             self._events.append(
                 Lost(
                     worker=proc.key,
                     chunk_ids=list(proc.sent),
-                    running=running,
+                    running=(current.chunk_id, current.position) if current else None,
                     returncode=proc.popen.returncode,
                     pid=proc.pid,
                     killed=killed,
+                    span=current.span if current else 1,
                 )
             )
         proc.sent.clear()
