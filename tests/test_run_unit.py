@@ -10,7 +10,13 @@ from typing import Any
 
 import pytest
 
-from multitrack._chunks import MAX_CHUNK, MAX_CHUNK_BYTES, TARGET_SECONDS, ChunkSizer
+from multitrack._chunks import (
+    MAX_CHUNK,
+    MAX_CHUNK_BYTES,
+    MIN_TAIL_SECONDS,
+    TARGET_SECONDS,
+    ChunkSizer,
+)
 from multitrack._errors import TaskError, TaskTimeout, WorkerCrashed
 from multitrack._run import MAX_BYSTANDER_REQUEUES, Policy, Run
 from multitrack.backends._base import (
@@ -430,10 +436,21 @@ def test_a_slow_first_task_does_not_keep_chunks_small() -> None:
 
 def test_auto_chunks_are_capped_and_shrink_at_the_end() -> None:
     sizer = ChunkSizer(fixed=None, slots=2)
-    sizer.observe(1000, 1e-6)
-    assert sizer.next_size(None) == MAX_CHUNK
+    sizer.observe(10, 10 * 0.001)  # 1 ms per task
+    assert sizer.next_size(None) == int(TARGET_SECONDS / 0.001)
     assert sizer.next_size(100) == 25  # leave work for every worker's two chunks
+    floor = int(MIN_TAIL_SECONDS / 0.001)
+    assert sizer.next_size(8) == floor  # but not below a few ms of work
+    assert sizer.next_size(floor - 1) == floor - 1
     assert sizer.next_size(1) == 1
+
+
+def test_the_tail_of_tiny_tasks_is_not_cut_into_tiny_chunks() -> None:
+    sizer = ChunkSizer(fixed=None, slots=2)
+    sizer.observe(1000, 1e-6)  # 1 ns per task
+    assert sizer.next_size(None) == MAX_CHUNK
+    assert sizer.next_size(100_000) == MAX_CHUNK
+    assert sizer.next_size(100) == 100  # far less than MIN_TAIL_SECONDS of work: one chunk
 
 
 def test_auto_chunks_stay_under_the_byte_budget() -> None:
