@@ -361,6 +361,19 @@ def test_timeout_stops_the_task(on: dict[str, Any], errors: str) -> None:
     assert time.monotonic() - started < 20  # not the task's 60 s
 
 
+def test_a_timeout_is_per_task_even_where_only_chunks_are_timed(
+    on: dict[str, Any], tmp_path: Path
+) -> None:
+    """A cluster backend sees when a chunk started, not each task: with a timeout, every task
+    travels alone, so three 0.4 s tasks asked to share a chunk are not one 1.2 s "task" that
+    times out and runs again."""
+    job = functools.partial(faults.sleep_and_log, log_dir=str(tmp_path))
+    tasks = [(i, 0.4) for i in range(6)]
+    assert mt.map(job, tasks, timeout=1.0, chunksize=3, **on) == list(range(6))
+    runs = sorted(int(name.split("-")[0]) for name in os.listdir(tmp_path))
+    assert runs == list(range(6)), "a task ran twice: its chunk was timed as one task"
+
+
 # -- clusters of multitrack's own -----------------------------------------------------------
 
 _OWN_CLUSTER_SCRIPT = """

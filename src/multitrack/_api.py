@@ -302,15 +302,19 @@ class _Call:
             self.calls,
             total=self.total,
             ordered=opts.ordered,
-            sizer=ChunkSizer(
-                fixed=opts.chunksize, slots=self.backend.slots, cap=opts.max_tasks_per_worker
-            ),
+            sizer=ChunkSizer(fixed=opts.chunksize, slots=self.backend.slots, cap=self._cap()),
             policy=Policy(opts.errors, opts.retries, opts.retry_delay, opts.timeout),
             progress=progress,
             describe=self.describe,
             max_ahead=max_ahead,
             owns_backend=self.owns_backend,
         )
+
+    def _cap(self) -> int | None:
+        """The most tasks one chunk may hold, whatever its size would be."""
+        if self.opts.timeout is not None and self.backend.times_chunks_only:
+            return 1  # a deadline per task needs a chunk per task there
+        return self.opts.max_tasks_per_worker
 
 
 def _collect(run: Run) -> list[Any]:

@@ -131,6 +131,10 @@ class Backend(ABC):
     slots: int
     #: whether ``kill`` really stops a running item (processes: yes; threads: abandoned)
     can_kill: bool = False
+    #: whether ``running`` can only say when a whole chunk started (clusters), not each task:
+    #: then a call with deadlines sends one task per chunk, or the first task's deadline
+    #: would cover the whole chunk and a timeout could not be charged to one task
+    times_chunks_only: bool = False
 
     @abstractmethod
     def begin(self, fn: Callable[[Any], Any], output: Output, *, timed: bool = False) -> None:

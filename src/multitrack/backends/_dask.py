@@ -93,6 +93,7 @@ class DaskBackend(Backend):
     """Chunks as dask tasks, on a client we are given, find, or start."""
 
     can_kill = True
+    times_chunks_only = True
 
     def __init__(
         self,

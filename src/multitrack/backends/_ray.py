@@ -85,6 +85,7 @@ class RayBackend(Backend):
     """Chunks as Ray tasks, on the session of this process or one we start."""
 
     can_kill = True
+    times_chunks_only = True
 
     def __init__(
         self,
