@@ -346,11 +346,13 @@ pool.map(functools.partial(faults.record_pid_and_sleep, pid_dir={str(pid_dir)!r}
 
 
 @pytest.mark.timeout(30)
-def test_large_arguments_queued_behind_a_hung_task_do_not_block_its_timeout() -> None:
+@pytest.mark.parametrize("size", [700 * 1024, 4 * 1024 * 1024], ids=["700KiB", "4MiB"])
+def test_large_arguments_queued_behind_a_hung_task_do_not_block_its_timeout(size: int) -> None:
     # Task 0 hangs in C code holding the GIL, so the worker's reader thread cannot run. The
-    # large argument of task 1 must not be pushed into that worker's socket (the send would
-    # wait for the hung task), or the timeout could never fire.
-    big = b"x" * (4 * 1024 * 1024)
+    # large argument of task 1 must not be pushed into that worker's socket unless it fits in
+    # the socket's buffer (700 KiB: sent at once where the buffer could be made 1 MiB; 4 MiB:
+    # held back), or the send would wait for the hung task and the timeout could never fire.
+    big = b"x" * size
     results = mt.map(
         faults.hold_the_gil_on, [0, big, 2], workers=1, timeout=1.0, chunksize=1, errors="return"
     )
