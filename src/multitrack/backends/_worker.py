@@ -237,9 +237,9 @@ class Worker:
                 if self.report is not None:
                     self.send_report(self.report)
 
-    def send_report(self, report: _Report) -> None:
+    def send_report(self, report: _Report, *, last: bool = False) -> None:
         """Send the results ``report`` holds that were not sent yet (caller holds
-        ``reporting``)."""
+        ``reporting``). ``last``: the chunk is over and nothing appends to it any more."""
         values, errors = report.values, report.errors
         end = len(values)  # read first: errors[k] is always set before values[k] exists
         start = report.sent
@@ -247,8 +247,11 @@ class Worker:
             return
         failed = {k - start: e for k, e in list(errors.items()) if start <= k < end}
         now = time.monotonic()
-        span = values[start:end]
-        values[start:end] = [None] * (end - start)  # sent: free the memory
+        if last and start == 0:
+            span = values  # the whole chunk in one report: no copy (py-spy: 15% of a worker)
+        else:
+            span = values[start:end]
+            values[start:end] = [None] * (end - start)  # sent: free the memory
         report.sent, busy, report.since = end, now - report.since, now
         self.send_done(report.chunk_id, report.first + start, span, failed, busy)
 
@@ -382,7 +385,7 @@ class Worker:
             self.running = IDLE
         with self.reporting:
             self.report = None
-            self.send_report(report)
+            self.send_report(report, last=True)
         self.slot.start_chunk(IDLE, 0, 0.0)
 
     def _claim(self, chunk_id: int, tasks: Iterator[Any], end: int) -> bool:
