@@ -25,6 +25,7 @@ from multitrack.backends._base import (
     Event,
     Lost,
     Output,
+    Returned,
     Running,
     completed_from_outcomes,
 )
@@ -277,6 +278,42 @@ def test_crash_in_a_block_of_quick_tasks_reruns_its_suspects_alone_then_blames_o
     # The block (positions 4-7) ran again one task per chunk; its neighbours were not isolated
     alone = {c.indices[0] for c in backend.submitted if len(c.indices) == 1}
     assert alone == {4, 5, 6, 7}
+
+
+class HandingBackBackend(FakeBackend):
+    """Hands back, unstarted, the second half of the waiting chunk of the first worker that
+    holds two (once; as a worker asked by ``give_back`` would)."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        super().__init__(clock)
+        self.handed: list[int] = []
+
+    def poll(self, timeout: float | None) -> Sequence[Event]:
+        self._hand_back_once()
+        return super().poll(timeout)
+
+    def _hand_back_once(self) -> None:
+        if self.handed:
+            return
+        for queue in self.queues.values():
+            if len(queue) == 2:
+                chunk = queue[1]
+                half = len(chunk.indices) // 2
+                queue[1] = Chunk(chunk.id, chunk.indices[:half], chunk.args[:half])
+                self.handed = list(chunk.indices[half:])
+                self.events.append(Returned(chunk.id, half))
+                return
+
+
+def test_tasks_handed_back_run_once_more_as_one_chunk() -> None:
+    clock = FakeClock()
+    backend = HandingBackBackend(clock)
+    run, _, progress = make_run([ok(i) for i in range(40)], backend=backend, chunksize=6)
+    assert list(run) == list(range(40))
+    assert progress.done == 40
+    assert backend.handed, "the test's backend never handed anything back"
+    again = [c for c in backend.submitted if backend.handed[0] in c.indices]
+    assert len(again) == 2 and list(again[1].indices) == backend.handed
 
 
 def test_worker_dying_between_tasks_cannot_requeue_forever() -> None:

@@ -34,6 +34,7 @@ Time comes from an injectable ``clock`` so the policy is tested in milliseconds.
 
 from __future__ import annotations
 
+import collections
 import heapq
 import itertools
 import time
@@ -121,8 +122,14 @@ class Run:
 
         self.pulled = 0  # tasks taken from the input so far
         self.exhausted = False
-        # Every unsettled task is in exactly one of: a chunk in flight, or the retry queue.
+        # Every unsettled task is in exactly one of: a chunk in flight, the handed-back
+        # queue, or the retry queue.
         self.flights: dict[int, _Flight] = {}  # chunk id -> chunk in flight
+        # Runs of tasks a worker handed back unstarted (give_back), as (indices, arguments)
+        # slices of their chunk: they go out again first, whole slices at a time. (Requeued
+        # one task at a time, a tail of 20,000 trivial tasks cost the parent more than the
+        # rest of the call: py-spy put half its samples in the heap and _Flight.take.)
+        self.handed_back: collections.deque[tuple[Sequence[int], list[Any]]] = collections.deque()
         # Heap of (not before, index, arguments); an index is in it at most once, so the
         # arguments are never compared.
         self.requeued: list[tuple[float, int, Any]] = []
@@ -167,7 +174,7 @@ class Run:
                     yield released
                 if self._finished():
                     break
-                if self.exhausted and not self.requeued and self.backend.capacity() > 0:
+                if self.exhausted and not self._queued() and self.backend.capacity() > 0:
                     self.backend.give_back()  # the tail: let idle workers share it
                 self._check_not_stalled()
                 for event in self.backend.poll(self._wait_time()):
@@ -202,7 +209,7 @@ class Run:
     def _check_not_stalled(self) -> None:
         """Workers free, nothing in flight, nothing queued, and yet not finished: no event
         can ever come. A scheduler bug, but raising beats waiting forever."""
-        if not self.flights and not self.requeued and self.backend.capacity() > 0:
+        if not self.flights and not self._queued() and self.backend.capacity() > 0:
             raise RuntimeError(
                 f"multitrack stalled: {self.pulled} tasks pulled, {self.next_release} "
                 f"released, nothing running (exhausted={self.exhausted}); please report this"
@@ -212,7 +219,7 @@ class Run:
         return (
             self.exhausted
             and not self.flights
-            and not self.requeued
+            and not self._queued()
             and not self.results
             and not self.ready
         )
@@ -249,10 +256,13 @@ class Run:
         remaining = None
         if self.total is not None:
             remaining = max(0, self.total - self.pulled) + len(self.requeued)
+            remaining += sum(len(indices) for indices, _ in self.handed_back)
         size = self.sizer.next_size(remaining)
         room = self.backend.room()
         if room is not None:
             size = min(size, room)
+        if self.handed_back:
+            return self._new_chunk(*self._take_handed_back(size))
         again = self._take_requeued(size)
         fresh = self._pull(size - len(again))
         if not again and not fresh:
@@ -262,9 +272,24 @@ class Run:
         if again:
             indices = [index for index, _ in again] + list(indices)
             args = [arg for _, arg in again] + fresh
+        return self._new_chunk(indices, args)
+
+    def _new_chunk(self, indices: Sequence[int], args: list[Any]) -> Chunk:
         chunk = Chunk(self.next_chunk_id, indices, args)
         self.next_chunk_id += 1
         return chunk
+
+    def _queued(self) -> bool:
+        """Whether tasks wait to be sent again (handed back, or to be retried)."""
+        return bool(self.handed_back or self.requeued)
+
+    def _take_handed_back(self, size: int) -> tuple[Sequence[int], list[Any]]:
+        """Up to ``size`` tasks from the first handed-back run, as (indices, arguments)."""
+        indices, args = self.handed_back.popleft()
+        if len(indices) > size:
+            self.handed_back.appendleft((indices[size:], args[size:]))
+            indices, args = indices[:size], args[:size]
+        return indices, args
 
     def _take_requeued(self, size: int) -> list[tuple[int, Any]]:
         """Up to ``size`` (index, arguments) of the retry queue that are due; an isolated task
@@ -362,9 +387,14 @@ class Run:
         if flight is None:
             return
         chunk = flight.chunk
-        for position in range(event.first, len(chunk.indices)):
-            if flight.take(position, 1):
-                self._requeue(chunk.indices[position], chunk.args[position], 0.0)
+        first, end = event.first, len(chunk.indices)
+        if first < end and flight.take(first, end - first):
+            self.handed_back.append((chunk.indices[first:end], chunk.args[first:end]))
+        else:  # some of them were reported already (backends rule this out): one by one
+            for position in range(first, end):
+                if flight.take(position, 1):
+                    one = slice(position, position + 1)
+                    self.handed_back.append((chunk.indices[one], chunk.args[one]))
         if not flight.left:
             del self.flights[event.chunk_id]
 
