@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -30,6 +31,22 @@ def test_results_match_builtin_map(backend: str, ordered: bool, chunksize: int |
     )
     expected = [x * x for x in inputs]
     assert (got if ordered else sorted(got)) == expected
+
+
+class _Backwards(list[int]):
+    def __iter__(self) -> Iterator[int]:
+        return reversed(self)
+
+
+@pytest.mark.parametrize(
+    "inputs",
+    [list(range(300)), tuple(range(300)), _Backwards(range(300))],
+    ids=["list", "tuple", "list-subclass-with-own-iter"],
+)
+def test_sequences_are_read_as_builtin_map_reads_them(inputs: Any) -> None:
+    # Lists and tuples are sliced, not iterated; a subclass keeps its own __iter__.
+    got = mt.map(faults.square, inputs, workers=2, progress=False)
+    assert got == list(map(faults.square, inputs))
 
 
 def test_several_iterables_zip_to_the_shortest(backend: str) -> None:

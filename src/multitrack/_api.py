@@ -280,7 +280,7 @@ class _Call:
     def __init__(
         self,
         fn: Callable[..., Any],
-        calls: Iterator[tuple[Any, ...]],
+        calls: Iterable[Any],
         total: int | None,
         opts: Options,
         backend: Backend,
@@ -319,10 +319,13 @@ class _Call:
 
 def _collect(run: Run) -> list[Any]:
     """Every result of a run, in a list (``map``): gathered batch by batch, not one by one."""
-    results: list[Any] = []
+    results: list[Any] | None = None
     for batch in run.batches():
-        results.extend(batch)
-    return results
+        if results is None:
+            results = batch  # the run's own list: kept, not copied
+        else:
+            results += batch
+    return [] if results is None else results
 
 
 def _prepare(
@@ -359,10 +362,11 @@ def _new_backend(opts: Options) -> Backend:
 
 def _inputs(
     name: str, fn: Callable[..., Any], iterables: tuple[Iterable[Any], ...], star: bool
-) -> tuple[Callable[[Any], Any], Iterator[Any], int | None, Callable[[Any], Any]]:
+) -> tuple[Callable[[Any], Any], Iterable[Any], int | None, Callable[[Any], Any]]:
     """Check ``fn`` and the iterables. Return what workers call with one argument per task,
     the lazy stream of those arguments, the total when it can be known without consuming
-    anything, and how to describe a task in an error.
+    anything, and how to describe a task in an error. A single list or tuple comes back as it
+    is, for the scheduler to slice.
 
     A task of a single iterable travels as the bare item, not a 1-tuple: on tiny tasks the
     tuples cost more than the work (build, pickle, unpickle, ``fn(*args)``: about 0.4 µs
@@ -384,7 +388,8 @@ def _inputs(
     if star:
         return Spread(fn), builtins.map(tuple, iterators[0]), total, _same
     if len(iterators) == 1:
-        return fn, iterators[0], total, _same
+        single = iterables[0]
+        return fn, single if type(single) in (list, tuple) else iterators[0], total, _same
     # like map: stop at the shortest
     return Spread(fn), builtins.zip(*iterators, strict=False), total, _same
 
