@@ -145,3 +145,27 @@ def test_a_forked_worker_never_finalizes_the_callers_garbage(tmp_path: Path) -> 
         gc.enable()
         gc.collect()
     assert marker.read_text() == str(os.getpid())
+
+
+@pytest.mark.parametrize("kind", ["forked", "popen"])
+def test_waiting_for_an_exit_is_bounded_either_way(kind: str) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    with open(os.devnull, "rb") as sink:
+        if kind == "forked":
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the child
+                time.sleep(30)
+                os._exit(0)
+            process: _start.WorkerProcess = _start.ForkedProcess(pid, sink, sink)
+        else:
+            process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+        try:
+            assert not _start.exited_within(process, 0.05)
+        finally:
+            os.kill(process.pid, signal.SIGKILL)
+        assert _start.exited_within(process, 10.0)
+        assert process.returncode == -signal.SIGKILL

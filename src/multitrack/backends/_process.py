@@ -70,7 +70,6 @@ import pickle
 import select
 import signal
 import socket
-import subprocess
 import sys
 import time
 import weakref
@@ -94,6 +93,7 @@ from multitrack.backends._pooled import PooledBackend
 from multitrack.backends._start import (
     ForkedProcess,
     WorkerProcess,
+    exited_within,
     start_method,
     start_worker,
     thread_limits,
@@ -536,9 +536,7 @@ class ProcessBackend(PooledBackend):
                 pass
         was_booting = proc.state in ("booting", "initializing")
         proc.state = "dead"
-        try:
-            proc.popen.wait(1.0)
-        except subprocess.TimeoutExpired:
+        if not exited_within(proc.popen, 1.0):
             self._kill(proc)  # it closed its socket but lives on: not ours to trust
             proc.popen.wait()
         for name in ("stdout", "stderr"):
@@ -617,10 +615,7 @@ def _wait_for_exits(procs: list[_Proc], deadline: float) -> None:
             del exiting[fd]
     for proc in procs:
         if proc.pidfd is None:
-            try:
-                proc.popen.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
+            exited_within(proc.popen, max(0.0, deadline - time.monotonic()))
 
 
 def _parent_ends() -> list[int]:

@@ -16,7 +16,6 @@ Two rules:
 from __future__ import annotations
 
 import pickle
-import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -114,6 +113,8 @@ def pack_error(exc: BaseException) -> tuple[str, str, str, bytes | None]:
 
     The pickled form is ``None`` when the exception cannot be pickled; the parent then builds
     a ``RemoteError`` from the text parts."""
+    import traceback  # on the failure path only: 3 ms of every start-up otherwise
+
     tb_text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     try:
         message = str(exc)
