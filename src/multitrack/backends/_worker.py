@@ -429,8 +429,8 @@ def _run_in_blocks(
 ) -> None:
     """Run ``tasks`` (positions ``first``... up to ``end``) into ``values``, ``BLOCK`` at a
     time through ``map``, marking each block in the slot. ``list.extend`` keeps what a block
-    produced before a task raised; the task that raised is the next position, and the block
-    goes on after it. ``tasks`` may be emptied meanwhile by ``hand_back``: a short block."""
+    produced before a task raised; the task that raised is the next position, and a new
+    block starts after it. ``tasks`` may be emptied meanwhile by ``hand_back``: a short block."""
     extend, islice = values.extend, itertools.islice
     while True:
         position = first + len(values)
