@@ -195,6 +195,13 @@ def sigkill_on_array(array: Any) -> float:
     return float(array.sum())
 
 
+def logged_runs(log_dir: Any) -> list[tuple[int, int]]:
+    """(task index, worker pid) of every run ``sleep_and_log`` recorded in ``log_dir``,
+    sorted."""
+    runs = (name.split("-") for name in os.listdir(log_dir))
+    return sorted((int(index), int(pid)) for index, pid, _ in runs)
+
+
 def sleep_and_log(task: tuple[int, float], log_dir: str) -> int:
     """Sleeps, and leaves one file per run: a test counts how often each task ran."""
     index, seconds = task

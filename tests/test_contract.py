@@ -4,7 +4,6 @@ same options and the same failure policy. Each test runs on every backend."""
 from __future__ import annotations
 
 import itertools
-import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -305,11 +304,9 @@ def test_slow_tail_is_shared_and_every_task_runs_exactly_once(tmp_path: Any) -> 
     tasks = [(i, 0.001) for i in range(300)] + [(300 + i, 0.15) for i in range(6)]
     job = functools.partial(faults.sleep_and_log, log_dir=str(tmp_path))
     assert mt.map(job, tasks, workers=2) == list(range(306))
-    runs = [name.split("-")[0] for name in os.listdir(tmp_path)]
-    assert sorted(map(int, runs)) == list(range(306))
-    slow_pids = {
-        name.split("-")[1] for name in os.listdir(tmp_path) if int(name.split("-")[0]) >= 300
-    }
+    runs = faults.logged_runs(tmp_path)
+    assert [index for index, _ in runs] == list(range(306))
+    slow_pids = {pid for index, pid in runs if index >= 300}
     assert len(slow_pids) == 2, "both workers should have run some of the slow tail"
 
 
@@ -327,9 +324,7 @@ def test_a_reused_pool_shares_the_slow_tail_of_every_call(tmp_path: Any) -> None
             log_dir.mkdir()
             job = functools.partial(faults.sleep_and_log, log_dir=str(log_dir))
             assert pool.map(job, tasks) == list(range(30))
-            slow_pids = {
-                name.split("-")[1] for name in os.listdir(log_dir) if int(name.split("-")[0]) >= 24
-            }
+            slow_pids = {pid for index, pid in faults.logged_runs(log_dir) if index >= 24}
             assert len(slow_pids) == 2, f"call {call}: the slow tail ran on one worker"
 
 

@@ -51,7 +51,6 @@ class ChunkSizer:
         self.fixed = fixed
         self.slots = max(1, slots)
         self.cap = cap
-        self.per_task: float | None = None  # seconds, estimated
         self._busy = self._tasks = 0.0  # decayed sums behind per_task
         self.bytes_per_task: float | None = None  # of arguments sent, estimated
 
@@ -60,7 +59,11 @@ class ChunkSizer:
         if tasks > 0 and busy_seconds >= 0:
             self._busy = self._busy * (1 - SMOOTHING) + busy_seconds
             self._tasks = self._tasks * (1 - SMOOTHING) + tasks
-            self.per_task = self._busy / self._tasks
+
+    @property
+    def per_task(self) -> float | None:
+        """Seconds a task takes, estimated; ``None`` before the first measurement."""
+        return self._busy / self._tasks if self._tasks else None
 
     def observe_sent(self, tasks: int, nbytes: int) -> None:
         """``tasks`` tasks' arguments took ``nbytes`` to send (shared memory included)."""
