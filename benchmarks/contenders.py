@@ -17,7 +17,9 @@ about 5 s, dask about 1-2 s on the 2-core machine) on top of the work, so they r
 add about 10 minutes to the default run, these about 5.
 
 Library modules are imported by ``load`` before anything is timed (the child calls it first),
-so import time is not counted for anyone.
+so import time is not counted for anyone: the modules the call itself uses too, which a
+library may import only on its first call (``multiprocessing.pool`` for ``Pool``;
+multitrack's process backend, and tqdm for its bar on a terminal).
 
 Where the bars go, and what each does when its stream is not a terminal (the harness gives
 every child a log file, or a pseudo-terminal with ``--bars tty``):
@@ -101,6 +103,17 @@ class Contender:
         started = time.perf_counter()
         results = self.call(fn, items, workers)
         return time.perf_counter() - started, results
+
+
+# What ``mt.map`` imports on its first call: the process backend (as Pool's contenders load
+# ``multiprocessing.pool``) and, for a bar on a terminal, tqdm (as mpire's and process_map's
+# contenders load it).
+_MULTITRACK_MODULES = (
+    "multitrack",
+    "multitrack._api",
+    "multitrack.backends._process",
+    "multitrack._tqdm_bar",
+)
 
 
 # -- the calls ---------------------------------------------------------------------------------
@@ -309,7 +322,7 @@ _ALL = (
         "multitrack",
         "mt.map(fn, items, workers=N)",
         "tqdm on stderr (terminal); status lines otherwise",
-        ("multitrack", "multitrack._api"),
+        _MULTITRACK_MODULES,
         _multitrack,
         _multitrack_first,
         peer=False,
@@ -322,7 +335,7 @@ _ALL = (
         "multitrack-pool",
         "with mt.Pool(workers=N) as p: p.map(fn, items)  # pool started before the timer",
         "as multitrack",
-        ("multitrack", "multitrack._api"),
+        _MULTITRACK_MODULES,
         _multitrack,
         peer=False,
         warm=True,
@@ -332,7 +345,7 @@ _ALL = (
         "mt-track",
         "mt.track_parallel_progress(fn, items, N)  # the mmengine drop-in",
         "mmengine-style bar on stdout (terminal); whole lines otherwise",
-        ("multitrack", "multitrack._mmengine"),
+        (*_MULTITRACK_MODULES, "multitrack._mmengine"),
         _mt_track,
         peer=False,
     ),
