@@ -72,6 +72,7 @@ class Contender:
     call: Call
     first: First | None = None
     peer: bool = True  # counts as "a peer" when picking the best one
+    serial: bool = False  # runs the tasks one at a time on one core (the loop)
     warm: bool = False  # its pool is started before the timer
     cluster: bool = False  # a cluster backend on one machine: reported apart from the peers
     own_cpu_seen: bool = True  # its processes' CPU time reaches the runner's getrusage
@@ -316,6 +317,7 @@ _ALL = (
         (),
         _loop,
         peer=False,
+        serial=True,
         notes=("in the measuring process itself: one core, no pool",),
     ),
     Contender(

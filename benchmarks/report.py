@@ -141,7 +141,9 @@ def _summary(results: Results) -> str:
         "multitrack's median time over the best peer's (the library other than multitrack with "
         "the lowest median; **below 1 is a win**), the same ratio for the fastest run of each "
         "(a cross-check when the machine was busy), and the number issue #4 asks for on each "
-        "workload.",
+        "workload; on (a), (c) and (d) also the **overhead**, the time each library added to "
+        "the work, which a drift in the machine's speed barely moves (see *Reading the "
+        "tables*).",
         "",
         _table(
             [
@@ -208,7 +210,7 @@ def _also(result: WorkloadResult, workers: int) -> str:
     if key in ("c", "a"):
         return (
             f"efficiency {_pct(_efficiency(mt, loop, workers))} "
-            f"(best peer {_pct(_efficiency(peer, loop, workers))})"
+            f"(best peer {_pct(_efficiency(peer, loop, workers))}); {_overhead_words(rows)}"
         )
     if key == "d":
         ideal = _ideal_s(result, workers)
@@ -216,12 +218,31 @@ def _also(result: WorkloadResult, workers: int) -> str:
         peer_ideal = None
         if ideal is not None and peer is not None and peer.median_s is not None:
             peer_ideal = peer.median_s / ideal
-        return f"{_x(mt_ideal)}x the ideal {_s(ideal)} s (best peer {_x(peer_ideal)}x)"
+        return (
+            f"{_x(mt_ideal)}x the ideal {_s(ideal)} s (best peer {_x(peer_ideal)}x); "
+            f"{_overhead_words(rows)}"
+        )
     lowest = min((r for r in _not_cluster(rows) if r.peak_mb is not None), key=_peak, default=None)
     return (
         f"peak {_mb(mt.peak_mb)} MB (best peer {_mb(peer.peak_mb if peer else None)}, "
         f"lowest {_mb(lowest.peak_mb if lowest else None)}: {lowest.contender if lowest else ''})"
     )
+
+
+def _overhead_words(rows: Sequence[Row]) -> str:
+    """multitrack's overhead, the best peer's, and the lowest of any peer's."""
+    mt, peer = find(rows, "multitrack"), best_peer(rows)
+    timed = [r for r in rows if CONTENDERS[r.contender].peer and r.overhead_s is not None]
+    least = min(timed, key=lambda r: r.overhead_s or 0.0, default=None)
+    words = f"overhead {_ms(mt.overhead_s if mt else None)} ms "
+    words += f"(best peer {_ms(peer.overhead_s if peer else None)}"
+    if least is not None and least is not peer:
+        words += f", least of the peers {_ms(least.overhead_s)}: {least.contender}"
+    return words + ")"
+
+
+def _ms(seconds: float | None) -> str:
+    return DASH if seconds is None else f"{seconds * 1000:.0f}"
 
 
 def _peak(row: Row) -> float:
@@ -392,7 +413,14 @@ included, and **min-max** its spread over the repeats; **speedup vs loop** is th
 over the row's and **efficiency** that speedup over the {results.workers} workers (100% is every
 core busy with useful work); **/ multitrack** is the row's time over multitrack's (above 1:
 multitrack is faster); **/ ideal** (c, d) is the row's time over the best possible schedule;
-**bar output** is what the run wrote to stdout and stderr."""
+**overhead ms** (a, c, d) is what the library added to the work: in each run, every task
+measures the CPU time it takes in its own thread, and the run's time is compared with the
+shortest those tasks allow on its cores, max(all their CPU time / cores, the longest one);
+the column is the median of the difference. It holds start-up and shutdown, idle cores, and
+CPU that the library's own processes and threads took from the tasks, and it barely moves
+when the machine's speed drifts, which the times do (a slow spell lengthens the tasks and
+the floor alike); the loop's row, one core, shows what the measure reads when nothing is
+added. **bar output** is what the run wrote to stdout and stderr."""
 
 
 def _contenders(results: Results) -> str:
@@ -468,6 +496,8 @@ def _extra_columns(
             return DASH if row.median_s is None else f"{count / row.median_s:,.0f}"
 
         return ["µs/task", "tasks/s"], [per_task, rate]
+    header: list[str] = []
+    cells: list[Callable[[Row], str]] = []
     if key in ("c", "d"):
         ideal = _ideal_s(result, workers)
 
@@ -475,10 +505,12 @@ def _extra_columns(
             ok = ideal is not None and row.median_s is not None
             return _x(row.median_s / ideal if ok else None)  # type: ignore[operator]
 
-        return ["/ ideal"], [to_ideal]
+        header, cells = ["/ ideal"], [to_ideal]
+    if result.workload.times_work:
+        header, cells = [*header, "overhead ms"], [*cells, lambda row: _ms(row.overhead_s)]
     if result.workload.measures_memory:
-        return ["peak MB"], [lambda row: _mb(row.peak_mb)]
-    return [], []
+        header, cells = ["peak MB"], [lambda row: _mb(row.peak_mb)]
+    return header, cells
 
 
 def _cold_sentence(cold: WorkloadResult) -> str:

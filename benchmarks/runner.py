@@ -58,6 +58,8 @@ class Outcome:
     workload: str
     status: str  # "ok", "error", "crash", "timeout"
     seconds: float | None = None
+    # (a), (c), (d): the shortest time the tasks' own CPU time allowed (``benchmarks.one``)
+    floor_s: float | None = None
     peak_mb: float | None = None
     output_bytes: int = 0
     leaked: int = 0
@@ -224,7 +226,13 @@ def _outcome(
         return Outcome(status="crash", message=f"exit code {returncode}: {last}", **common)
     if not result.get("ok"):
         return Outcome(status="error", message=str(result.get("error", "?")), **common)
-    return Outcome(status="ok", seconds=float(result["seconds"]), **common)
+    floor = result.get("floor_s")
+    return Outcome(
+        status="ok",
+        seconds=float(result["seconds"]),
+        floor_s=None if floor is None else float(floor),
+        **common,
+    )
 
 
 def _last_line(text: str) -> str:

@@ -8,6 +8,9 @@
   (not the loop, not multitrack's own rows); a peer counts if at least one of its runs worked,
   its failures are shown next to it.
 * **multitrack / best peer**: below 1, multitrack wins.
+* **overhead** ((a), (c), (d)): the median over runs of the time beyond the run's work floor
+  (``benchmarks.one``): what the library added to the work. Each run is measured against its
+  own floor, so a slow spell of the machine lengthens both and cancels out.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ class Row:
     median_s: float | None
     min_s: float | None
     max_s: float | None
+    overhead_s: float | None  # median of (seconds - floor_s) over runs that have a floor
     peak_mb: float | None  # median over successful runs of the peak RSS sum of the process tree
     output_bytes: int  # median bytes written to stdout + stderr (the bars)
     leaked: int  # processes left behind, summed over runs
@@ -71,6 +75,11 @@ def make_rows(outcomes: Iterable[Outcome], order: Sequence[str]) -> list[Row]:
 def _row(name: str, outcomes: list[Outcome]) -> Row:
     times = [o.seconds for o in outcomes if o.status == "ok" and o.seconds is not None]
     peaks = [o.peak_mb for o in outcomes if o.peak_mb is not None and o.status == "ok"]
+    overheads = [
+        o.seconds - o.floor_s
+        for o in outcomes
+        if o.status == "ok" and o.seconds is not None and o.floor_s is not None
+    ]
     failed = [o for o in outcomes if o.status != "ok"]
     kinds = Counter(o.status for o in failed)
     return Row(
@@ -80,6 +89,7 @@ def _row(name: str, outcomes: list[Outcome]) -> Row:
         median_s=statistics.median(times) if times else None,
         min_s=min(times) if times else None,
         max_s=max(times) if times else None,
+        overhead_s=statistics.median(overheads) if overheads else None,
         peak_mb=statistics.median(peaks) if peaks else None,
         output_bytes=round(statistics.median(o.output_bytes for o in outcomes)),
         leaked=sum(o.leaked for o in outcomes),

@@ -26,8 +26,10 @@ not pay for importing them in every worker.
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 if TYPE_CHECKING:
     import numpy as np
@@ -36,6 +38,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ARRAY_ITEMS",
     "IMAGE_SIZE",
+    "CpuTimed",
     "ResizeJob",
     "array_sum",
     "identity",
@@ -50,6 +53,24 @@ IMAGE_SIZE = (200, 200)
 ARRAY_ITEMS = 1 << 20
 
 _opencv_pinned = False
+
+T = TypeVar("T")
+
+
+class CpuTimed(Generic[T]):
+    """``fn`` that also says how much CPU time the call took in its thread: ``(result,
+    seconds)``. That is the work itself, whatever library runs it, and none of what the
+    library spends around it (sending, receiving, its own threads, its parent process), so
+    ``benchmarks.one`` can tell the two apart. A plain class of this module: every library
+    pickles it by reference, as it does the functions."""
+
+    def __init__(self, fn: Callable[[Any], T]) -> None:
+        self.fn = fn
+
+    def __call__(self, arg: Any) -> tuple[T, float]:
+        started = time.thread_time()
+        result = self.fn(arg)
+        return result, time.thread_time() - started
 
 
 @dataclass(frozen=True)

@@ -4,20 +4,22 @@ pieces its numbers rest on. No timing is asserted: only that the harness measure
 
 from __future__ import annotations
 
+import pickle
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 # `benchmarks` lives at the repository root, beside `src`: importable under bare `pytest` too
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import report, tasks, workloads
+from benchmarks import one, report, tasks, workloads
 from benchmarks.contenders import CLUSTER_MAX_RUNS, CONTENDERS, DEFAULT
 from benchmarks.machine import Machine
 from benchmarks.results import Results, WorkloadResult
 from benchmarks.runner import ROOT, Outcome, rotate
-from benchmarks.stats import best_peer
+from benchmarks.stats import best_peer, make_rows
 
 CLUSTER = ("multitrack-ray", "multitrack-dask")
 
@@ -68,6 +70,50 @@ def test_ideal_is_the_makespan_lower_bound() -> None:
     assert workloads.ideal_fraction({"count": 3}, cores=2) is None
 
 
+def _sleep_then_spin(iterations: int) -> int:
+    time.sleep(0.05)  # wall time, no CPU time: not work
+    return tasks.spin(iterations)
+
+
+def test_a_cpu_timed_task_reports_its_cpu_time_not_its_wall_time() -> None:
+    timed = pickle.loads(pickle.dumps(tasks.CpuTimed(tasks.spin)))  # crosses to workers as is
+    assert timed.fn is tasks.spin
+    value, cpu = tasks.CpuTimed(_sleep_then_spin)(300_000)
+    assert value == tasks.spin(300_000)
+    assert 0 < cpu < 0.05  # the spin's CPU, without the 50 ms of sleep
+
+
+def test_the_work_floor_is_the_even_spread_or_the_longest_task() -> None:
+    assert one.work_floor([1.0, 1.0, 1.0, 1.0], cores=2) == 2.0
+    assert one.work_floor([3.0, 0.5, 0.5], cores=2) == 3.0
+    assert one.work_floor([1.0, 1.0], cores=1) == 2.0  # the loop: one core
+
+
+def test_measure_reports_the_work_floor_on_cpu_workloads_only(tmp_path: Path) -> None:
+    spec = {"contender": "loop", "workers": 2, "mode": "map", "out_dir": str(tmp_path)}
+    spin = one.measure({**spec, "workload": "c", "params": {"iterations": [200_000] * 3}})
+    assert spin["ok"], spin  # results unwrapped from their CPU times, then checked
+    assert 0 < spin["floor_s"] <= spin["seconds"]  # the loop adds next to nothing to its work
+    trivial = one.measure({**spec, "workload": "b", "params": {"count": 10}})
+    assert trivial["ok"] and "floor_s" not in trivial
+
+
+def test_overhead_is_the_median_of_each_runs_time_beyond_its_own_floor() -> None:
+    # the machine ran slow in the second run: a longer time, a higher floor, the same overhead
+    runs = [(2.0, 1.9), (3.0, 2.9), (2.1, 1.9), (2.2, None)]
+    outcomes = [Outcome("multitrack", "c", "ok", seconds=s, floor_s=f) for s, f in runs]
+    outcomes.append(Outcome("multitrack", "c", "timeout"))
+    (row,) = make_rows(outcomes, ["multitrack"])
+    assert row.overhead_s is not None and abs(row.overhead_s - 0.1) < 1e-9
+    peers = [Outcome("pool-map", "c", "ok", seconds=2.1, floor_s=1.9) for _ in range(3)]
+    cpu = WorkloadResult(
+        "c", {"iterations": [10] * 20}, ("multitrack", "pool-map"), (*outcomes, *peers)
+    )
+    text = report.render(_results(cpu))
+    assert "overhead 100 ms (best peer 200)" in text  # the summary
+    assert re.search(r"^\| pool-map \| 2\.10 \|.*\| 200 \| 0 B \|$", text, re.MULTILINE)
+
+
 def test_round_robin_rotates_the_first_contender() -> None:
     names = ("a", "b", "c")
     assert [rotate(names, r)[0] for r in range(4)] == ["a", "b", "c", "a"]
@@ -92,6 +138,11 @@ def test_cluster_backends_run_on_a_few_workloads_and_runs_spread_over_the_run() 
     assert not CONTENDERS["pool-map"].runs_in("cold", 0, 10)  # no lazy map, no cold start
 
 
+def _results(*workloads: WorkloadResult) -> Results:
+    machine = Machine("cpu", 2, 2, 1.0, "os", "3.11", "fork", {}, "today", "0")
+    return Results(machine, "cmd", 3, 2, "log", True, 60.0, 0.0, 0, "1m", workloads, None)
+
+
 def _outcomes(name: str, seconds: float, runs: int = 3) -> list[Outcome]:
     return [Outcome(name, "c", "ok", seconds=seconds) for _ in range(runs)]
 
@@ -106,8 +157,7 @@ def test_report_shows_cluster_backends_apart_against_multitrack() -> None:
         *_outcomes("multitrack-ray", 1.0, runs=2),
     )
     cpu = WorkloadResult("c", {"iterations": [10] * 20}, names, outcomes)
-    machine = Machine("cpu", 2, 2, 1.0, "os", "3.11", "fork", {}, "today", "0")
-    results = Results(machine, "cmd", 3, 2, "log", True, 60.0, 0.0, 0, "1m", (cpu,), None)
+    results = _results(cpu)
     peer = best_peer(cpu.rows)
     assert peer is not None and peer.contender == "pool-map"
     text = report.render(results)
