@@ -21,8 +21,13 @@ class Worker(Protocol):
 
     tasks_done: int
 
-    def held(self) -> tuple[int, int]:
-        """(chunks, tasks) assigned to it and not reported yet."""
+    def chunks_held(self) -> int:
+        """Chunks assigned to it and not reported yet (the scheduler asks this several times
+        per chunk: it must be cheap)."""
+        ...
+
+    def tasks_held(self) -> int:
+        """Tasks of those chunks (only ``max_tasks_per_worker`` needs it)."""
         ...
 
 
@@ -47,7 +52,7 @@ class PooledBackend(Backend):
         """Workers able to run chunks now (started, not retiring)."""
 
     def capacity(self) -> int:
-        return sum(PER_WORKER - worker.held()[0] for worker in self._free())
+        return sum(PER_WORKER - worker.chunks_held() for worker in self._free())
 
     def room(self) -> int | None:
         if self.max_tasks is None:
@@ -59,18 +64,18 @@ class PooledBackend(Backend):
         return [
             worker
             for worker in self._ready_workers()
-            if worker.held()[0] < PER_WORKER and self._quota_left(worker) > 0
+            if worker.chunks_held() < PER_WORKER and self._quota_left(worker) > 0
         ]
 
     def _quota_left(self, worker: Worker) -> int:
         """Tasks ``worker`` may still be given under ``max_tasks_per_worker``."""
         if self.max_tasks is None:
             return sys.maxsize
-        return self.max_tasks - worker.tasks_done - worker.held()[1]
+        return self.max_tasks - worker.tasks_done - worker.tasks_held()
 
     def _pick(self, size: int) -> Any:
         """The least loaded free worker with room for ``size`` tasks."""
         candidates = [worker for worker in self._free() if self._quota_left(worker) >= size]
         if not candidates:
             raise RuntimeError("submit() without room")  # a scheduler bug, not user error
-        return min(candidates, key=lambda worker: worker.held()[0])
+        return min(candidates, key=lambda worker: worker.chunks_held())

@@ -164,8 +164,11 @@ class _Proc:
     def pid(self) -> int:
         return self.popen.pid
 
-    def held(self) -> tuple[int, int]:
-        return len(self.sent), sum(len(s.chunk.indices) for s in self.sent.values())
+    def chunks_held(self) -> int:
+        return len(self.sent)
+
+    def tasks_held(self) -> int:
+        return sum(len(s.chunk.indices) for s in self.sent.values())
 
 
 class ProcessBackend(PooledBackend):
@@ -413,7 +416,7 @@ class ProcessBackend(PooledBackend):
         # Only for an idle worker; then the worker with the most tasks queued behind its
         # running one hands them back: the tail of its running chunk and its waiting chunk.
         ready = self._ready_workers()
-        if not any(proc.held()[0] == 0 for proc in ready):
+        if not any(proc.chunks_held() == 0 for proc in ready):
             return
         best: tuple[int, _Proc] | None = None
         for proc in ready:

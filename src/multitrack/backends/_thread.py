@@ -39,8 +39,11 @@ class _Thread:
     current: tuple[int, int, float] | None = None
     tasks_done: int = 0
 
-    def held(self) -> tuple[int, int]:
-        return len(self.chunks), sum(len(c.indices) for c in self.chunks.values())
+    def chunks_held(self) -> int:
+        return len(self.chunks)
+
+    def tasks_held(self) -> int:
+        return sum(len(c.indices) for c in self.chunks.values())
 
     def is_abandoned(self) -> bool:
         # A method, not the attribute: another thread flips it while an item runs.
