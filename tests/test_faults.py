@@ -85,6 +85,31 @@ def test_crash_among_many_quick_tasks_is_charged_to_its_one_task() -> None:
     assert [r for i, r in enumerate(results) if i != bad] == [i for i in range(5_000) if i != bad]
 
 
+@pytest.mark.timeout(60)
+def test_the_parent_watches_exactly_the_live_workers_descriptors() -> None:
+    # Descriptors are registered once per worker and dropped before they are closed: none of
+    # a dead worker's stays watched (its number, handed out again to some other file, would
+    # be taken for the old worker's), and every live worker's is.
+    def descriptors(proc: Any) -> set[int]:
+        fds = {proc.conn.fileno()} | ({proc.pidfd} if proc.pidfd is not None else set())
+        streams = (proc.popen.stdout, proc.popen.stderr)
+        return fds | {s.fileno() for s in streams if s is not None and not s.closed}
+
+    with mt.Pool(workers=2, progress=False) as pool:
+        crash = functools.partial(faults.sigkill_on, bad=5)
+        assert isinstance(pool.map(crash, range(8), errors="return")[5], mt.WorkerCrashed)
+        backend = pool._backend
+        assert isinstance(backend, _process.ProcessBackend)
+        live = list(backend._procs.values())
+        assert len(live) == 2  # the crashed worker was replaced
+        assert set(backend._watch._by_fd) == descriptors(live[0]) | descriptors(live[1])
+        gone = descriptors(live[0])
+        backend.kill(live[0].key)  # killed and reaped, not replaced between calls
+        assert not gone & set(backend._watch._by_fd)
+        assert set(backend._watch._by_fd) == descriptors(live[1])
+        assert pool.map(faults.square, range(4)) == [0, 1, 4, 9]  # and the pool goes on
+
+
 @pytest.mark.timeout(30)
 def test_exceptions_among_many_quick_tasks_keep_every_other_result() -> None:
     of = 97  # failures at the start, middle and end of blocks of quick tasks

@@ -45,6 +45,8 @@ class Channel:
     def __init__(self, sock: socket.socket) -> None:
         sock.setblocking(True)
         self._sock = sock
+        self._poller = select.poll()  # made once: ``poll`` runs after every message
+        self._poller.register(sock, select.POLLIN)
 
     def fileno(self) -> int:
         return self._sock.fileno()
@@ -74,10 +76,11 @@ class Channel:
             raise EOFError("the other end of the channel is closed")
         fd_list = _fds_of(fds)
         try:
-            header = raw + self._recv_exactly(_HEADER.size - len(raw))
-            size, count = _HEADER.unpack(header)
-            sizes = [_SIZE.unpack_from(self._recv_exactly(_SIZE.size))[0] for _ in range(count)]
-            data = bytes(self._recv_exactly(size))
+            if len(raw) < _HEADER.size:
+                raw += self._recv_exactly(_HEADER.size - len(raw))
+            size, count = _HEADER.unpack(raw)
+            sizes = [_SIZE.unpack(self._recv_exactly(_SIZE.size))[0] for _ in range(count)]
+            data = self._recv_exactly(size)
             views = _import(fd_list[0], sizes) if count else []
         finally:
             for fd in fd_list:
@@ -87,23 +90,26 @@ class Channel:
     def poll(self, timeout: float = 0.0) -> bool:
         """Whether a message (or EOF) is waiting. (``select.poll``: ``select.select`` fails
         on descriptors over 1023, which a busy parent can have.)"""
-        poller = select.poll()
-        poller.register(self._sock, select.POLLIN)
-        return bool(poller.poll(max(0, round(timeout * 1000))))
+        return bool(self._poller.poll(max(0, round(timeout * 1000))))
 
     def close(self) -> None:
         self._sock.close()
 
-    def _recv_exactly(self, size: int) -> bytearray:
-        buffer = bytearray(size)
-        view = memoryview(buffer)
-        received = 0
+    def _recv_exactly(self, size: int) -> bytes:
+        # MSG_WAITALL: the whole message in one call, into the bytes object we return (no
+        # second copy). It returns less only when a signal or the peer's exit cut it short.
+        data = self._sock.recv(size, socket.MSG_WAITALL)
+        if len(data) == size:
+            return data
+        parts = [data]
+        received = len(data)
         while received < size:
-            count = self._sock.recv_into(view[received:], size - received)
-            if count == 0:
+            part = self._sock.recv(size - received, socket.MSG_WAITALL)
+            if not part:
                 raise EOFError("the other end of the channel is closed")
-            received += count
-        return buffer
+            parts.append(part)
+            received += len(part)
+        return b"".join(parts)
 
 
 def in_band(buffer: pickle.PickleBuffer) -> bool:

@@ -60,10 +60,14 @@ class PooledBackend(Backend):
         return max((self._quota_left(worker) for worker in self._free()), default=0)
 
     def _free(self) -> list[Any]:
-        """Workers that may take another chunk now."""
+        """Workers that may take another chunk now (asked a few times per chunk: the common
+        case, no quota, is the short one)."""
+        ready = self._ready_workers()
+        if self.max_tasks is None:
+            return [worker for worker in ready if worker.chunks_held() < PER_WORKER]
         return [
             worker
-            for worker in self._ready_workers()
+            for worker in ready
             if worker.chunks_held() < PER_WORKER and self._quota_left(worker) > 0
         ]
 
