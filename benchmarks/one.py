@@ -14,7 +14,7 @@ What happens here, in order::
     │ mode "first": start pool, imap, first result          (contender.first)│
     └──────────────────────────────────────────────────────────────────────┘
     check(results)                   right results, right order              untimed
-    write RESULT (JSON: ok, seconds, floor_s | error)
+    write RESULT (JSON: ok, seconds, task_cpu_s, floor_s | error)
 
 On (a), (c) and (d) every task also reports the CPU time it took in its thread
 (``tasks.CpuTimed``). From those, ``floor_s`` is the shortest time the run could have taken on
@@ -65,6 +65,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         results, task_cpu = _split(results)
         if task_cpu is not None:
             cores = 1 if contender.serial else workers
+            outcome["task_cpu_s"] = sum(task_cpu)
             outcome["floor_s"] = work_floor(task_cpu, cores)
     wrong = check(key, items, results)
     if wrong is not None:

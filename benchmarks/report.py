@@ -214,13 +214,9 @@ def _also(result: WorkloadResult, workers: int) -> str:
         )
     if key == "d":
         ideal = _ideal_s(result, workers)
-        mt_ideal = None if ideal is None or mt.median_s is None else mt.median_s / ideal
-        peer_ideal = None
-        if ideal is not None and peer is not None and peer.median_s is not None:
-            peer_ideal = peer.median_s / ideal
         return (
-            f"{_x(mt_ideal)}x the ideal {_s(ideal)} s (best peer {_x(peer_ideal)}x); "
-            f"{_overhead_words(rows)}"
+            f"{_x(_to_ideal(mt, ideal))}x the ideal schedule "
+            f"(best peer {_x(_to_ideal(peer, ideal))}x); {_overhead_words(rows)}"
         )
     lowest = min((r for r in _not_cluster(rows) if r.peak_mb is not None), key=_peak, default=None)
     return (
@@ -236,7 +232,7 @@ def _overhead_words(rows: Sequence[Row]) -> str:
     least = min(timed, key=lambda r: r.overhead_s or 0.0, default=None)
     words = f"overhead {_ms(mt.overhead_s if mt else None)} ms "
     words += f"(best peer {_ms(peer.overhead_s if peer else None)}"
-    if least is not None and least is not peer:
+    if least is not None and peer is not None and _ms(least.overhead_s) != _ms(peer.overhead_s):
         words += f", least of the peers {_ms(least.overhead_s)}: {least.contender}"
     return words + ")"
 
@@ -264,8 +260,22 @@ def _per_task(row: Row | None, count: int) -> float | None:
 
 
 def _efficiency(row: Row | None, loop: Row | None, workers: int) -> float | None:
+    """Cores busy with tasks over the workers where the tasks time themselves (each run
+    against its own work), else the speedup over the loop over the workers."""
+    if row is not None and row.cores_busy is not None:
+        return row.cores_busy / workers
     speedup = None if row is None else row.speedup(loop)
     return None if speedup is None else speedup / workers
+
+
+def _to_ideal(row: Row | None, ideal: float | None) -> float | None:
+    """Time over the best possible schedule: each run over its own floor where the tasks
+    time themselves, else the median over the ideal at the loop's speed."""
+    if row is None:
+        return None
+    if row.over_floor is not None:
+        return row.over_floor
+    return None if ideal is None or row.median_s is None else row.median_s / ideal
 
 
 def _ideal_s(result: WorkloadResult, workers: int) -> float | None:
@@ -412,15 +422,17 @@ Reading the tables: **median s** is the median wall time of the call, pool start
 included, and **min-max** its spread over the repeats; **speedup vs loop** is the loop's time
 over the row's and **efficiency** that speedup over the {results.workers} workers (100% is every
 core busy with useful work); **/ multitrack** is the row's time over multitrack's (above 1:
-multitrack is faster); **/ ideal** (c, d) is the row's time over the best possible schedule;
-**overhead ms** (a, c, d) is what the library added to the work: in each run, every task
-measures the CPU time it takes in its own thread, and the run's time is compared with the
-shortest those tasks allow on its cores, max(all their CPU time / cores, the longest one);
-the column is the median of the difference. It holds start-up and shutdown, idle cores, and
-CPU that the library's own processes and threads took from the tasks, and it barely moves
-when the machine's speed drifts, which the times do (a slow spell lengthens the tasks and
-the floor alike); the loop's row, one core, shows what the measure reads when nothing is
-added. **bar output** is what the run wrote to stdout and stderr."""
+multitrack is faster); **/ ideal** (c, d) is the row's time over the best possible schedule.
+On (a), (c) and (d) every task also measures the CPU time it takes in its own thread, and
+each run is set against its own work, which takes out the drift of the machine's speed
+between one run and the next (the loop ran minutes apart from the row, at another speed):
+there **efficiency** is the tasks' CPU time over the run's time x {results.workers} (the share of
+the cores that ran tasks), **/ ideal** is the run's time over the shortest its tasks allow on
+its cores, max(all their CPU time / cores, the longest one), and **overhead ms** is the
+difference between the two: what the library added to the work. Each is the median over the
+runs. The overhead holds start-up and shutdown, idle cores, and CPU that the library's own
+processes and threads took from the tasks; the loop's row, one core, shows what it reads
+when nothing is added. **bar output** is what the run wrote to stdout and stderr."""
 
 
 def _contenders(results: Results) -> str:
@@ -476,8 +488,9 @@ def _workload_section(result: WorkloadResult, workers: int) -> str:
     ideal = _ideal_s(result, workers)
     if ideal is not None:
         intro += (
-            f" Ideal time on {workers} cores: {_s(ideal)} s = the loop's time x "
-            f"max(1 / cores, longest task / all work), start-up ignored."
+            f" Ideal time on {workers} cores: {_s(ideal)} s at the loop's speed = the loop's "
+            f"time x max(1 / cores, longest task / all work), start-up ignored; each run's "
+            f"**/ ideal** is over its own floor, the same bound from its tasks' CPU times."
         )
     return f"{intro}\n\n{_table(header, body)}"
 
@@ -502,8 +515,7 @@ def _extra_columns(
         ideal = _ideal_s(result, workers)
 
         def to_ideal(row: Row) -> str:
-            ok = ideal is not None and row.median_s is not None
-            return _x(row.median_s / ideal if ok else None)  # type: ignore[operator]
+            return _x(_to_ideal(row, ideal))
 
         header, cells = ["/ ideal"], [to_ideal]
     if result.workload.times_work:

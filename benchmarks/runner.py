@@ -58,7 +58,9 @@ class Outcome:
     workload: str
     status: str  # "ok", "error", "crash", "timeout"
     seconds: float | None = None
-    # (a), (c), (d): the shortest time the tasks' own CPU time allowed (``benchmarks.one``)
+    # (a), (c), (d): the CPU time the tasks took, all together, and the shortest time that
+    # allowed on the run's cores (``benchmarks.one``)
+    task_cpu_s: float | None = None
     floor_s: float | None = None
     peak_mb: float | None = None
     output_bytes: int = 0
@@ -226,10 +228,11 @@ def _outcome(
         return Outcome(status="crash", message=f"exit code {returncode}: {last}", **common)
     if not result.get("ok"):
         return Outcome(status="error", message=str(result.get("error", "?")), **common)
-    floor = result.get("floor_s")
+    task_cpu, floor = result.get("task_cpu_s"), result.get("floor_s")
     return Outcome(
         status="ok",
         seconds=float(result["seconds"]),
+        task_cpu_s=None if task_cpu is None else float(task_cpu),
         floor_s=None if floor is None else float(floor),
         **common,
     )

@@ -11,6 +11,10 @@
 * **overhead** ((a), (c), (d)): the median over runs of the time beyond the run's work floor
   (``benchmarks.one``): what the library added to the work. Each run is measured against its
   own floor, so a slow spell of the machine lengthens both and cancels out.
+* **cores busy** and **/ floor** (same workloads), per run and then the median: the tasks' CPU
+  time over the run's time (how many cores ran tasks, on average; over the workers, the
+  efficiency), and the run's time over its floor (over the best possible schedule). Both
+  compare a run with the work *it* did, not with a loop run minutes earlier at another speed.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ class Row:
     min_s: float | None
     max_s: float | None
     overhead_s: float | None  # median of (seconds - floor_s) over runs that have a floor
+    cores_busy: float | None  # median of task_cpu_s / seconds
+    over_floor: float | None  # median of seconds / floor_s
     peak_mb: float | None  # median over successful runs of the peak RSS sum of the process tree
     output_bytes: int  # median bytes written to stdout + stderr (the bars)
     leaked: int  # processes left behind, summed over runs
@@ -75,11 +81,14 @@ def make_rows(outcomes: Iterable[Outcome], order: Sequence[str]) -> list[Row]:
 def _row(name: str, outcomes: list[Outcome]) -> Row:
     times = [o.seconds for o in outcomes if o.status == "ok" and o.seconds is not None]
     peaks = [o.peak_mb for o in outcomes if o.peak_mb is not None and o.status == "ok"]
-    overheads = [
-        o.seconds - o.floor_s
+    measured = [
+        (o.seconds, o.floor_s, o.task_cpu_s)
         for o in outcomes
-        if o.status == "ok" and o.seconds is not None and o.floor_s is not None
+        if o.status == "ok" and o.seconds and o.floor_s
     ]
+    overheads = [seconds - floor for seconds, floor, _ in measured]
+    over_floor = [seconds / floor for seconds, floor, _ in measured]
+    busy = [cpu / seconds for seconds, _, cpu in measured if cpu is not None]
     failed = [o for o in outcomes if o.status != "ok"]
     kinds = Counter(o.status for o in failed)
     return Row(
@@ -90,6 +99,8 @@ def _row(name: str, outcomes: list[Outcome]) -> Row:
         min_s=min(times) if times else None,
         max_s=max(times) if times else None,
         overhead_s=statistics.median(overheads) if overheads else None,
+        cores_busy=statistics.median(busy) if busy else None,
+        over_floor=statistics.median(over_floor) if over_floor else None,
         peak_mb=statistics.median(peaks) if peaks else None,
         output_bytes=round(statistics.median(o.output_bytes for o in outcomes)),
         leaked=sum(o.leaked for o in outcomes),

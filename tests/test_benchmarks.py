@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 # `benchmarks` lives at the repository root, beside `src`: importable under bare `pytest` too
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -94,24 +96,33 @@ def test_measure_reports_the_work_floor_on_cpu_workloads_only(tmp_path: Path) ->
     spin = one.measure({**spec, "workload": "c", "params": {"iterations": [200_000] * 3}})
     assert spin["ok"], spin  # results unwrapped from their CPU times, then checked
     assert 0 < spin["floor_s"] <= spin["seconds"]  # the loop adds next to nothing to its work
+    assert spin["task_cpu_s"] == spin["floor_s"]  # one core: the floor is all the work
     trivial = one.measure({**spec, "workload": "b", "params": {"count": 10}})
-    assert trivial["ok"] and "floor_s" not in trivial
+    assert trivial["ok"] and "floor_s" not in trivial and "task_cpu_s" not in trivial
 
 
-def test_overhead_is_the_median_of_each_runs_time_beyond_its_own_floor() -> None:
-    # the machine ran slow in the second run: a longer time, a higher floor, the same overhead
-    runs = [(2.0, 1.9), (3.0, 2.9), (2.1, 1.9), (2.2, None)]
-    outcomes = [Outcome("multitrack", "c", "ok", seconds=s, floor_s=f) for s, f in runs]
+def test_each_run_is_measured_against_its_own_work() -> None:
+    # the machine ran slow in the second run: a longer time, more CPU time in the tasks, a
+    # higher floor; the overhead, the efficiency and the time over the floor stay the same
+    runs = [(2.0, 3.8, 1.9), (3.0, 5.8, 2.9), (2.1, 3.8, 1.9), (2.2, None, None)]
+    outcomes = [
+        Outcome("multitrack", "c", "ok", seconds=s, task_cpu_s=cpu, floor_s=floor)
+        for s, cpu, floor in runs
+    ]
     outcomes.append(Outcome("multitrack", "c", "timeout"))
     (row,) = make_rows(outcomes, ["multitrack"])
-    assert row.overhead_s is not None and abs(row.overhead_s - 0.1) < 1e-9
-    peers = [Outcome("pool-map", "c", "ok", seconds=2.1, floor_s=1.9) for _ in range(3)]
-    cpu = WorkloadResult(
-        "c", {"iterations": [10] * 20}, ("multitrack", "pool-map"), (*outcomes, *peers)
-    )
+    assert row.overhead_s == pytest.approx(0.1)
+    assert row.cores_busy == pytest.approx(1.9)  # 3.8 / 2.0 (5.8 / 3.0 and 3.8 / 2.1 around it)
+    assert row.over_floor == pytest.approx(2.0 / 1.9)
+    peers = [
+        Outcome("pool-map", "c", "ok", seconds=2.1, task_cpu_s=3.8, floor_s=1.9) for _ in range(3)
+    ]
+    loop = [Outcome("loop", "c", "ok", seconds=8.0) for _ in range(3)]  # a slow spell: ignored
+    names = ("loop", "multitrack", "pool-map")
+    cpu = WorkloadResult("c", {"iterations": [10] * 20}, names, (*loop, *outcomes, *peers))
     text = report.render(_results(cpu))
-    assert "overhead 100 ms (best peer 200)" in text  # the summary
-    assert re.search(r"^\| pool-map \| 2\.10 \|.*\| 200 \| 0 B \|$", text, re.MULTILINE)
+    assert "efficiency 95% (best peer 90%); overhead 100 ms (best peer 200)" in text
+    assert re.search(r"^\| pool-map \| 2\.10 \|.*\| 90% \|.*\| 1\.11 \| 200 \| 0 B \|$", text, re.M)
 
 
 def test_round_robin_rotates_the_first_contender() -> None:
