@@ -11,6 +11,9 @@
 * **overhead** ((a), (c), (d)): the median over runs of the time beyond the run's work floor
   (``benchmarks.one``): what the library added to the work. Each run is measured against its
   own floor, so a slow spell of the machine lengthens both and cancels out.
+* **at equal speed**: the typical run's floor (the median over every run on the workers)
+  plus a row's overhead is the time it would take if the machine had run at the same speed
+  for everyone; multitrack's over the least of any peer's is the summary's last ratio.
 * **cores busy** and **/ floor** (same workloads), per run and then the median: the tasks' CPU
   time over the run's time (how many cores ran tasks, on average; over the workers, the
   efficiency), and the run's time over its floor (over the best possible schedule). Both
@@ -27,7 +30,7 @@ from dataclasses import dataclass
 from benchmarks.contenders import CONTENDERS
 from benchmarks.runner import Outcome
 
-__all__ = ["Row", "best_peer", "find", "make_rows"]
+__all__ = ["Row", "best_peer", "find", "make_rows", "typical_floor"]
 
 
 @dataclass(frozen=True)
@@ -121,3 +124,17 @@ def best_peer(rows: Sequence[Row]) -> Row | None:
     """The fastest peer with a time (see the module docstring)."""
     peers = [row for row in rows if CONTENDERS[row.contender].peer and row.median_s is not None]
     return min(peers, key=lambda row: row.median_s or 0.0, default=None)
+
+
+def typical_floor(outcomes: Iterable[Outcome]) -> float | None:
+    """The median work floor over every run on the workers (not the loop's, on one core, nor
+    the cluster backends'): the tasks' time at the machine's typical speed."""
+    floors = [
+        o.floor_s
+        for o in outcomes
+        if o.status == "ok"
+        and o.floor_s is not None
+        and not CONTENDERS[o.contender].serial
+        and not CONTENDERS[o.contender].cluster
+    ]
+    return statistics.median(floors) if floors else None

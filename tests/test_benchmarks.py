@@ -122,6 +122,8 @@ def test_each_run_is_measured_against_its_own_work() -> None:
     cpu = WorkloadResult("c", {"iterations": [10] * 20}, names, (*loop, *outcomes, *peers))
     text = report.render(_results(cpu))
     assert "efficiency 95% (best peer 90%); overhead 100 ms (best peer 200)" in text
+    # at equal speed: the typical floor (1.9 s) plus each overhead, (1.9 + 0.1) / (1.9 + 0.2)
+    assert re.search(r"^\| \(c\) cpu \|.*\| 0\.95 \| efficiency", text, re.MULTILINE)
     assert re.search(r"^\| pool-map \| 2\.10 \|.*\| 90% \|.*\| 1\.11 \| 200 \| 0 B \|$", text, re.M)
 
 
