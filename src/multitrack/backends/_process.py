@@ -64,7 +64,7 @@ tasks on 2 workers; a reused pool went from 0.45 s to 0.11 s, ``Pool.map`` takes
   per chunk: it registers the descriptors it waits on once per worker (``_Watch``), not
   every time; each socket keeps its poll object; a message body is read in one call; the
   free-worker checks skip the ``max_tasks_per_worker`` quota when there is none. Parent CPU
-  per chunk (1 ms sleeping tasks, one per chunk): 145 -> 108 µs; per (c) run on a reused
+  per chunk (0.5 ms sleeping tasks, one per chunk): 145 -> 108 µs; per (c) run on a reused
   pool: 20 -> 12-15 ms.
 
 Start method (``_start``): a worker is a ``fork()`` of the caller when the caller has a single
