@@ -202,11 +202,10 @@ def _equal_speed_ratio(result: WorkloadResult) -> float | None:
     """multitrack's time over the best peer's had the machine run at one speed for all: the
     typical run's floor plus each one's overhead, against the peer with the least."""
     floor, rows = typical_floor(result.outcomes), result.rows
-    mt = find(rows, "multitrack")
-    peers = [r.overhead_s for r in rows if CONTENDERS[r.contender].peer and r.overhead_s]
-    if floor is None or mt is None or mt.overhead_s is None or not peers:
+    mt, least = find(rows, "multitrack"), _least_overhead_peer(rows)
+    if floor is None or mt is None or mt.overhead_s is None or least is None:
         return None
-    return (floor + mt.overhead_s) / (floor + min(peers))
+    return (floor + mt.overhead_s) / (floor + (least.overhead_s or 0.0))
 
 
 def _also(result: WorkloadResult, workers: int) -> str:
@@ -243,14 +242,17 @@ def _also(result: WorkloadResult, workers: int) -> str:
 
 def _overhead_words(rows: Sequence[Row]) -> str:
     """multitrack's overhead, the best peer's, and the lowest of any peer's."""
-    mt, peer = find(rows, "multitrack"), best_peer(rows)
-    timed = [r for r in rows if CONTENDERS[r.contender].peer and r.overhead_s is not None]
-    least = min(timed, key=lambda r: r.overhead_s or 0.0, default=None)
+    mt, peer, least = find(rows, "multitrack"), best_peer(rows), _least_overhead_peer(rows)
     words = f"overhead {_ms(mt.overhead_s if mt else None)} ms "
     words += f"(best peer {_ms(peer.overhead_s if peer else None)}"
     if least is not None and peer is not None and _ms(least.overhead_s) != _ms(peer.overhead_s):
         words += f", least of the peers {_ms(least.overhead_s)}: {least.contender}"
     return words + ")"
+
+
+def _least_overhead_peer(rows: Sequence[Row]) -> Row | None:
+    timed = [r for r in rows if CONTENDERS[r.contender].peer and r.overhead_s is not None]
+    return min(timed, key=lambda r: r.overhead_s or 0.0, default=None)
 
 
 def _ms(seconds: float | None) -> str:
