@@ -383,3 +383,60 @@ def test_large_arguments_queued_behind_a_hung_task_do_not_block_its_timeout(size
     )
     assert isinstance(results[0], mt.TaskTimeout)
     assert results[1] == big and results[2] == 2
+
+
+# -- a chunk's end, whatever ended it (the hang family of issue 12) --------------------------
+
+BIG = b"x" * (4 << 20)  # larger than a socket buffer: it waits in the parent's outbox
+
+
+def _big_result(x: Any) -> Any:
+    return BIG if x == "big" else faults.type_name(x)
+
+
+HELD_BEHIND = [
+    pytest.param(1, 1, [faults.FailsToUnpickle(), BIG], id="1-worker-big-arg"),
+    pytest.param(2, 1, [faults.FailsToUnpickle(), BIG, faults.FailsToUnpickle(), BIG, BIG], id="2"),
+    pytest.param(
+        3, None, [BIG, faults.FailsToUnpickle(), BIG, BIG, faults.FailsToUnpickle()], id="3"
+    ),
+    pytest.param(1, 2, [faults.FailsToUnpickle(), BIG, BIG, 1], id="chunks-of-2"),
+]
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(("workers", "chunksize", "args"), HELD_BEHIND)
+@pytest.mark.parametrize("api", ["map", "imap", "pool"])
+def test_an_argument_that_fails_to_unpickle_never_strands_the_messages_behind_it(
+    workers: int, chunksize: int | None, args: list[Any], api: str
+) -> None:
+    # The worker could not unpickle a chunk's arguments; the chunk was ended by a path other
+    # than its results, and the multi-MB chunks queued behind it were never sent: a hang.
+    options: dict[str, Any] = {"workers": workers, "chunksize": chunksize, "errors": "return"}
+    if api == "map":
+        results = mt.map(faults.type_name, args, **options)
+    elif api == "imap":
+        results = list(mt.imap(faults.type_name, args, **options))
+    else:
+        with mt.Pool(workers=workers) as pool:
+            pool.map(faults.type_name, args, chunksize=chunksize, errors="return")
+            results = pool.map(faults.type_name, args, chunksize=chunksize, errors="return")
+    for arg, result in zip(args, results, strict=True):
+        if isinstance(arg, faults.FailsToUnpickle):
+            assert isinstance(result, mt.TaskError) and "refuses to be unpickled" in str(result)
+        else:
+            assert result == type(arg).__name__
+
+
+@pytest.mark.timeout(30)
+def test_big_results_beside_arguments_that_fail_to_unpickle() -> None:
+    args = ["big", faults.FailsToUnpickle(), "big", BIG, faults.FailsToUnpickle(), "big"]
+    results = mt.map(_big_result, args, workers=2, chunksize=2, errors="return")
+    assert [r if not isinstance(r, mt.TaskError) else "error" for r in results] == [
+        BIG,
+        "error",
+        BIG,
+        "bytes",
+        "error",
+        BIG,
+    ]

@@ -23,6 +23,7 @@ Frame::
 
 from __future__ import annotations
 
+import collections
 import mmap
 import os
 import pickle
@@ -47,16 +48,16 @@ class Channel:
         self._sock = sock
         self._poller = select.poll()  # made once: ``poll`` runs after every message
         self._poller.register(sock, select.POLLIN)
+        self._outbox: collections.deque[_Segment] = collections.deque()
 
     def fileno(self) -> int:
         return self._sock.fileno()
 
     def send_bytes(self, data: bytes, buffers: Sequence[pickle.PickleBuffer] = ()) -> None:
-        """Send one message and its out-of-band buffers (blocks until the kernel took it)."""
-        sizes = [buffer.raw().nbytes for buffer in buffers]
-        header = _HEADER.pack(len(data), len(sizes)) + b"".join(_SIZE.pack(n) for n in sizes)
-        if buffers:
-            fd = _export(buffers, sizes)
+        """Send one message and its out-of-band buffers (blocks until the kernel took it).
+        The worker's side: its threads may wait for a busy parent."""
+        header, fd = _frame(data, buffers)
+        if fd is not None:
             try:
                 socket.send_fds(self._sock, [header], [fd])
             finally:
@@ -67,6 +68,50 @@ class Channel:
         else:  # do not copy a large payload just to prepend a header
             self._sock.sendall(header)
             self._sock.sendall(data)
+
+    # -- the parent's side: sends that never wait -------------------------------------------
+
+    def queue(self, data: bytes, buffers: Sequence[pickle.PickleBuffer] = ()) -> bool:
+        """Queue one message and send what the kernel takes now, without waiting. Whether
+        everything queued is sent; if not, call ``flush`` when the socket is writable.
+
+        The parent must never block on a worker: a worker whose task holds the GIL in C code
+        does not drain its socket, and a blocking send would stop the scheduler (and every
+        deadline, and every other worker's results) until that task ends."""
+        header, fd = _frame(data, buffers)
+        if len(data) < 65536:
+            self._outbox.append(_Segment(memoryview(header + data), fd))
+        else:  # do not copy a large payload just to prepend a header
+            self._outbox.append(_Segment(memoryview(header), fd))
+            self._outbox.append(_Segment(memoryview(data), None))
+        return self.flush()
+
+    def flush(self) -> bool:
+        """Send queued bytes until the kernel's buffer is full; whether the queue is empty.
+        Raises ``OSError`` when the other end is gone."""
+        outbox = self._outbox
+        while outbox:
+            segment = outbox[0]
+            try:
+                if segment.fd is not None:
+                    sent = socket.send_fds(
+                        self._sock, [segment.data], [segment.fd], socket.MSG_DONTWAIT
+                    )
+                    os.close(segment.fd)  # it rode on the first byte sent; ours is not needed
+                    segment.fd = None
+                else:
+                    sent = self._sock.send(segment.data, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return False
+            segment.data = segment.data[sent:]
+            if not segment.data:
+                outbox.popleft()
+        return True
+
+    @property
+    def pending(self) -> bool:
+        """Whether queued bytes wait for the socket to become writable."""
+        return bool(self._outbox)
 
     def recv_bytes(self) -> tuple[bytes, list[memoryview]]:
         """Receive one whole message and its buffers; ``EOFError`` when the other end is
@@ -93,6 +138,10 @@ class Channel:
         return bool(self._poller.poll(max(0, round(timeout * 1000))))
 
     def close(self) -> None:
+        for segment in self._outbox:  # never sent: their shared memory goes with them
+            if segment.fd is not None:
+                os.close(segment.fd)
+        self._outbox.clear()
         self._sock.close()
 
     def _recv_exactly(self, size: int) -> bytes:
@@ -110,6 +159,24 @@ class Channel:
             parts.append(part)
             received += len(part)
         return b"".join(parts)
+
+
+class _Segment:
+    """Queued bytes of a message, and the descriptor of its shared memory until it is sent
+    (it rides on the first byte of its header)."""
+
+    __slots__ = ("data", "fd")
+
+    def __init__(self, data: memoryview, fd: int | None) -> None:
+        self.data = data
+        self.fd = fd
+
+
+def _frame(data: bytes, buffers: Sequence[pickle.PickleBuffer]) -> tuple[bytes, int | None]:
+    """A message's header, and a memfd holding its out-of-band buffers (``None``: none)."""
+    sizes = [buffer.raw().nbytes for buffer in buffers]
+    header = _HEADER.pack(len(data), len(sizes)) + b"".join(_SIZE.pack(n) for n in sizes)
+    return header, (_export(buffers, sizes) if buffers else None)
 
 
 def in_band(buffer: pickle.PickleBuffer) -> bool:

@@ -10,29 +10,8 @@ the child ends of two things the parent created for it:
   is running and since when. The parent reads it to blame a crash on exactly one item and to
   enforce per-task deadlines, without a message per item.
 
-Messages in::
-
-    ("init", sys_path, payload)    payload: cloudpickle of (initializer, initargs, fn or None);
-                                   one pickle, so that a function defined in the caller's
-                                   script sees the globals its initializer set
-    ("fn", payload)                the call's function, shipped once per worker per call
-                                   (alone: see "A script's globals" below)
-    ("chunk", chunk_id, first, timed, payload)   payload: pickle of the list of the tasks'
-                                   arguments (one per task), for positions first, first + 1,
-                                   ... of the chunk; timed: the tasks have deadlines, so each
-                                   records its start time in the slot
-    ("give_back", chunk_id)        hand back the unstarted tasks of that chunk (load balancing)
-    ("stop",)
-
-Messages out::
-
-    ("booted", pid)                 the interpreter is up (bounds the start-up time)
-    ("ready",) | ("start_error", packed_error)
-    ("fn_error", packed_error)      the function could not be rebuilt here
-    ("done", chunk_id, first, values, errors, busy_seconds)   results of positions first...;
-                                   errors maps an offset in values to a packed exception
-    ("chunk_error", chunk_id, first, packed_error)   the arguments could not be unpickled
-    ("unstarted", chunk_id, position)   tasks from position on were handed back, not run
+The messages both ways and the slot's layout are defined in ``_protocol``, which the parent
+imports too.
 
 The worker runs in its own session (process group), so a terminal's Ctrl-C reaches only the
 parent, which then kills whole worker groups; it ignores SIGINT for the same reason.
@@ -66,91 +45,25 @@ import _thread
 import faulthandler
 import functools
 import itertools
-import mmap
 import os
 import queue
 import signal
 import socket
-import struct
 import sys
 import threading
 import time
 import types
 from collections.abc import Callable, Iterator
-from typing import Any, NamedTuple, TypeGuard
+from typing import Any, TypeGuard
 
+from multitrack.backends import _protocol as P
 from multitrack.backends import _wire
 from multitrack.backends._channel import Channel
-
-# Slot layout (8-byte words): seq (odd while the chunk fields are being written), chunk id
-# (-1: idle), chunk start time (float seconds), and what runs now packed into one word:
-# (milliseconds since the chunk started << 32) | (span - 1) << 24 | position. One aligned
-# 8-byte store is atomic, so the parent never sees a position paired with another task's
-# start time or span, and the cost per task stays a clock read and one store.
-#
-# ``span``: tasks with deadlines mark each task (span 1, with its start time). Tasks without
-# run in blocks of up to ``BLOCK`` through ``map`` and mark only the block ("one of positions
-# p..p+span-1 is running"): the Python loop around a trivial call cost as much as the call
-# (timeit on 20,000 trivial tasks: 102 ns a task marked one by one, 52 ns in blocks of 64;
-# ``Pool.map``'s ``list(map(...))`` is 46). A crash inside a block is charged to nobody yet:
-# the block's unfinished tasks are re-run one by one, and a second crash is exact.
-SLOT_FORMAT = "qqdq"
-SLOT_SIZE = struct.calcsize(SLOT_FORMAT)
-IDLE = -1
-POSITION_BITS = 24  # chunks are far smaller than 16 million tasks
-POSITION_MASK = (1 << POSITION_BITS) - 1
-SPAN_MASK = 0xFF
-MS_SHIFT = 32
-BLOCK = 64  # at most SPAN_MASK + 1
-
-
-class SlotReading(NamedTuple):
-    """What a worker's slot says it runs: one of positions ``position``, ...,
-    ``position + span - 1`` of chunk ``chunk_id`` (exactly ``position`` when ``span`` is 1),
-    since ``started_at`` (``time.monotonic``; meaningful for timed tasks)."""
-
-    chunk_id: int
-    position: int
-    started_at: float
-    span: int
-
+from multitrack.backends._protocol import BLOCK, IDLE, MS_SHIFT, POSITION_BITS, Slot
 
 # Send partial results of a long chunk at least this often, so the bar moves and a crash
 # late in a chunk loses little finished work.
 FLUSH_EVERY = 0.25
-
-
-class Slot:
-    """What this worker is running now, in memory the parent can read."""
-
-    def __init__(self, fd: int) -> None:
-        self._map = mmap.mmap(fd, SLOT_SIZE)
-        self.ints = memoryview(self._map).cast("q")  # item assignment: cheap, one store
-        self._floats = memoryview(self._map).cast("d")
-        self._seq = 0
-
-    def start_chunk(self, chunk_id: int, first: int, started_at: float) -> None:
-        """A new chunk (or ``IDLE``): written under a sequence lock."""
-        ints, seq = self.ints, self._seq + 1
-        ints[0] = seq  # odd: being written
-        ints[1] = chunk_id
-        self._floats[2] = started_at
-        ints[3] = first
-        ints[0] = self._seq = seq + 1
-
-
-def read_slot(view: mmap.mmap) -> SlotReading | None:
-    """Parent side: what the worker runs now, or ``None`` when it is idle (or has not written
-    yet: a fresh slot is all zeros)."""
-    for _ in range(100):
-        seq, chunk_id, chunk_start, packed = struct.unpack_from(SLOT_FORMAT, view, 0)
-        if seq % 2 == 0 and struct.unpack_from("q", view, 0)[0] == seq:
-            if chunk_id == IDLE or seq == 0:
-                return None
-            started = chunk_start + (packed >> MS_SHIFT) / 1000.0
-            span = ((packed >> POSITION_BITS) & SPAN_MASK) + 1
-            return SlotReading(chunk_id, packed & POSITION_MASK, started, span)
-    return None  # pragma: no cover - a writer that never finishes is a dead writer
 
 
 def _read(worker: Worker) -> None:
@@ -162,10 +75,10 @@ def _read(worker: Worker) -> None:
         while True:
             data, buffers = conn.recv_bytes()
             message = _wire.loads(data)
-            if message[0] == "give_back":
+            if message[0] == P.GIVE_BACK:
                 worker.hand_back(message[1])
                 continue
-            if message[0] == "chunk":
+            if message[0] == P.CHUNK:
                 with worker.claim:
                     worker.queued.add(message[1])
             inbox.put((message, buffers))
@@ -227,7 +140,7 @@ class Worker:
                 first_unstarted = 0
             else:
                 return  # it ended already: nothing to hand back
-        self.send(("unstarted", chunk_id, first_unstarted))
+        self.send((P.UNSTARTED, chunk_id, first_unstarted))
 
     def tick(self) -> None:
         """Ticker thread: report the running chunk's finished tasks now and then."""
@@ -262,18 +175,18 @@ class Worker:
         # process ends with ``os._exit`` or at interpreter exit, which stops them).
         _thread.start_new_thread(_read, (self,))
         _thread.start_new_thread(self.tick, ())
-        self.send(("booted", os.getpid()))
+        self.send((P.BOOTED, os.getpid()))
         while True:
             message, buffers = self.inbox.get()
             kind = message[0]
-            if kind == "chunk":
+            if kind == P.CHUNK:
                 self.run_chunk(message[1], message[2], message[3], message[4], buffers)
-            elif kind == "fn":
+            elif kind == P.FN:
                 self.load_function(message[1])
-            elif kind == "init":
+            elif kind == P.INIT:
                 if not self.initialize(message[1], message[2]):
                     return
-            elif kind == "stop":
+            elif kind == P.STOP:
                 return
 
     def initialize(self, sys_path: list[str], payload: bytes) -> bool:
@@ -283,9 +196,9 @@ class Worker:
             if initializer is not None:
                 self.run_initializer(initializer, initargs)
         except BaseException as exc:
-            self.send(("start_error", _wire.pack_error(exc)))
+            self.send((P.START_ERROR, _wire.pack_error(exc)))
             return False
-        self.send(("ready",))
+        self.send((P.READY,))
         return True
 
     def run_initializer(self, initializer: Callable[..., Any], initargs: tuple[Any, ...]) -> None:
@@ -311,7 +224,7 @@ class Worker:
             self.fn = fn
         except BaseException as exc:
             self.fn = None
-            self.send(("fn_error", _wire.pack_error(exc)))
+            self.send((P.FN_ERROR, _wire.pack_error(exc)))
 
     def share_script_globals(self, fn: Any) -> Any:
         """``fn``, rebound to the initializer's globals when it is a function of the caller's
@@ -353,7 +266,7 @@ class Worker:
             with self.claim:
                 ours = self._dequeue(chunk_id)
             if ours:  # not handed back meanwhile
-                self.send(("chunk_error", chunk_id, first, _wire.pack_error(exc)))
+                self.send((P.CHUNK_ERROR, chunk_id, first, _wire.pack_error(exc)))
             return
         tasks = iter(calls)
         if not self._claim(chunk_id, tasks, first + len(calls)):
@@ -369,7 +282,7 @@ class Worker:
         self.slot.start_chunk(chunk_id, first, begun)
         # The hot loops. Timed tasks: per task, one C-level next(), a clock read, one 8-byte
         # store and the call; ``append`` bound once (an attribute lookup per task costs as
-        # much as a trivial call). Untimed ones: in blocks, see ``SLOT_FORMAT``.
+        # much as a trivial call). Untimed ones: in blocks, see ``_protocol``.
         if timed:
             append = values.append
             for position, arg in enumerate(tasks, first):
@@ -410,10 +323,10 @@ class Worker:
     ) -> None:
         buffers: list[Any] = []  # large arrays among the results travel in shared memory
         try:
-            data = _wire.dumps(("done", chunk_id, first, values, errors, busy), buffers)
+            data = _wire.dumps((P.DONE, chunk_id, first, values, errors, busy), buffers)
         except BaseException:
             _make_picklable(values, errors)
-            data = _wire.dumps(("done", chunk_id, first, values, errors, busy), buffers)
+            data = _wire.dumps((P.DONE, chunk_id, first, values, errors, busy), buffers)
         with self.sending:
             self.conn.send_bytes(data, buffers)
 
@@ -506,9 +419,15 @@ def run(conn_fd: int, slot_fd: int) -> None:
     a forked child both end up here; see ``_start``)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     faulthandler.enable()
-    # Worker output is relayed line by line above the caller's progress bar.
-    if hasattr(sys.stdout, "reconfigure"):
-        sys.stdout.reconfigure(line_buffering=True)
+    # Worker output is relayed line by line above the caller's progress bar: each line must
+    # reach the pipe when it is written, or a worker killed (a crash, a timeout) loses it.
+    # stdout is line-buffered, stderr unbuffered, as on a terminal; whatever started them.
+    for stream, settings in (
+        (sys.stdout, {"line_buffering": True}),
+        (sys.stderr, {"write_through": True, "line_buffering": True}),
+    ):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(**settings)
     worker = Worker(Channel(socket.socket(fileno=conn_fd)), Slot(slot_fd))
     os.close(slot_fd)
     try:
