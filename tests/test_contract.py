@@ -3,7 +3,9 @@ same options and the same failure policy. Each test runs on every backend."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import typing
 from collections.abc import Iterator
 from typing import Any
 
@@ -11,6 +13,7 @@ import pytest
 
 import faults
 import multitrack as mt
+from multitrack import _api, _options
 from scripts import run_script
 
 BACKENDS = ["process", "thread", "serial"]
@@ -247,6 +250,72 @@ def test_bad_options_name_the_argument(options: dict[str, Any], error: type, nam
 def test_unknown_option_is_a_type_error() -> None:
     with pytest.raises(TypeError, match="colour"):
         mt.map(faults.square, [1], colour="red")  # type: ignore[call-arg]
+
+
+def test_an_unknown_option_close_to_a_real_one_suggests_it() -> None:
+    with pytest.raises(TypeError, match=r"'worker' \(did you mean 'workers'\?\)"):
+        mt.map(faults.square, [1], worker=2)  # type: ignore[call-arg]
+    with pytest.raises(TypeError, match=r"did you mean 'retries'"):
+        mt.Pool(retry=2)  # type: ignore[call-arg]
+
+
+REFUSED_BY_BACKEND = [
+    pytest.param({"backend": "serial", "timeout": 0.1}, "timeout", id="serial-timeout"),
+    pytest.param(
+        {"backend": "serial", "max_tasks_per_worker": 2}, "max_tasks_per_worker", id="serial-mtpw"
+    ),
+    pytest.param({"address": "10.0.0.1:1"}, "address", id="process-address"),
+]
+
+
+@pytest.mark.parametrize(("options", "name"), REFUSED_BY_BACKEND)
+def test_an_option_the_backend_cannot_honour_is_refused_on_every_path(
+    options: dict[str, Any], name: str
+) -> None:
+    # Once an option was checked in map() only: Pool(backend="serial", timeout=0.1) ran
+    # its tasks to the end, the timeout silently ignored.
+    with pytest.raises(ValueError, match=name):
+        mt.map(faults.sleep_for, [0.01], **options)
+    with pytest.raises(ValueError, match=name):
+        mt.Pool(**options)
+    per_call = {k: v for k, v in options.items() if k not in _options.POOL_ONLY}
+    if per_call:
+        pool_options = {k: v for k, v in options.items() if k in _options.POOL_ONLY}
+        with mt.Pool(**pool_options) as pool, pytest.raises(ValueError, match=name):
+            pool.map(faults.sleep_for, [0.5], **per_call)
+
+
+def test_integers_are_what_operator_index_accepts() -> None:
+    np = pytest.importorskip("numpy")
+    results = mt.map(
+        faults.square, [1, 2, 3], workers=np.int64(2), chunksize=np.int32(2), retries=np.int8(1)
+    )
+    assert results == [1, 4, 9]
+    assert mt.map(faults.square, [3], timeout=np.float32(5.0)) == [9]
+    for bad in (2.0, True, "2"):
+        with pytest.raises(TypeError, match="workers"):
+            mt.map(faults.square, [1], workers=bad)
+
+
+def test_the_options_are_listed_once() -> None:
+    # The table, the checked record and the public signatures' TypedDicts name the same.
+    table = set(_options.OPTIONS)
+    record = {f.name for f in dataclasses.fields(_options.Options)} - {"fit_cluster"}
+    signature = set(typing.get_type_hints(_api.MapOptions))
+    assert table == record == signature
+    assert set(typing.get_type_hints(_api.PoolOptions)) == table - {"workers"}
+    assert set(typing.get_type_hints(_api.CallOptions)) == table - set(_options.POOL_ONLY)
+
+
+def test_a_starmap_item_that_is_not_a_tuple_fails_only_its_task() -> None:
+    results = mt.starmap(faults.add, [(1, 2), 3, (4, 5)], errors="return")
+    assert results[0] == 3 and results[2] == 9
+    error = results[1]
+    assert isinstance(error, mt.TaskError) and error.index == 1 and error.task == 3
+    assert isinstance(error.__cause__, TypeError)
+    with pytest.raises(mt.TaskError) as caught:
+        mt.starmap(faults.add, [(1, 2), 3])
+    assert caught.value.index == 1
 
 
 def test_bad_inputs_are_refused_up_front() -> None:

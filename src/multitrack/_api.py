@@ -338,11 +338,6 @@ def _prepare(
 ) -> _Call:
     opts = validate(**options)
     task_fn, calls, total, describe = _inputs(name, fn, iterables, star)
-    if opts.timeout is not None and opts.backend == "serial":
-        raise ValueError(
-            "timeout cannot be enforced with backend='serial' (nothing can stop "
-            "a task running in the caller's thread); use 'process'"
-        )
     backend = _new_backend(opts)
     return _Call(task_fn, calls, total, opts, backend, owns_backend=True, describe=describe)
 
@@ -386,7 +381,7 @@ def _inputs(
             ) from None
     total = _total(iterables)
     if star:
-        return Spread(fn), builtins.map(tuple, iterators[0]), total, _same
+        return Spread(fn), builtins.map(_star_args, iterators[0]), total, _same
     if len(iterators) == 1:
         single = iterables[0]
         return fn, single if type(single) in (list, tuple) else iterators[0], total, _same
@@ -402,6 +397,16 @@ def _total(iterables: tuple[Iterable[Any], ...]) -> int | None:
             return None
         hints.append(hint)
     return min(hints)
+
+
+def _star_args(item: Any) -> Any:
+    """A ``starmap`` item as the tuple of its arguments. An item that is not iterable goes
+    as it is: unpacking it fails in the worker, as that task's ``TaskError`` (with its
+    index), not as an error that stops the whole run."""
+    try:
+        return tuple(item)
+    except TypeError:
+        return item
 
 
 def _same(arg: Any) -> Any:

@@ -1,17 +1,31 @@
-"""The options every call takes, checked at the boundary.
+"""The options every call takes: one table, checked in one place, before any worker starts.
 
-Every check happens before a worker starts, and every message names the argument and says what
-was wrong with it, so a typo costs a traceback line, not a pool of processes.
+``OPTIONS`` is the only list of the options. Each entry says how to check a value (messages
+name the argument and what was wrong), whether the option shapes the workers (a ``Pool``
+takes it once, not per call), and which capability of the backend it needs. ``validate`` is
+the only checker, for ``map``, ``imap``, ``starmap`` and ``Pool`` alike, so that an option a
+backend cannot honour is refused the same way on every path (never accepted and ignored)::
+
+    map(**given) ──┐
+    Pool(**given) ─┼─▶ validate(base, **given) ─▶ names ─▶ values ─▶ backend capabilities
+    pool.map(**given)┘                                                 (backends.CAPABILITIES)
+
+``Options`` is the checked record; a test keeps it, the table and the public signatures'
+``TypedDict``s in step.
 """
 
 from __future__ import annotations
 
+import difflib
 import math
+import numbers
+import operator
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
+from multitrack.backends import CAPABILITIES
 from multitrack.backends import NAMES as BACKENDS
 
 ERROR_MODES = ("raise", "return")
@@ -41,27 +55,22 @@ class Options:
     fit_cluster: bool = False
 
 
-#: options that shape the workers themselves: a Pool takes them once, not per call
-POOL_ONLY = (
-    "workers",
-    "backend",
-    "initializer",
-    "initargs",
-    "max_tasks_per_worker",
-    "address",
-    "client",
-)
-#: the backends that run on a cluster (``address=``, ``client=``)
-CLUSTER_BACKENDS = ("dask", "ray")
-
-
 def usable_cpus() -> int:
-    """CPUs this process may really use: its affinity mask, and a cgroup CPU quota (containers,
-    slurm) when one is set. ``os.cpu_count()`` counts the machine, which oversubscribes."""
-    try:
-        count = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        count = os.cpu_count() or 1
+    """CPUs this process may really use: its affinity mask (or ``os.process_cpu_count``,
+    which honours ``PYTHON_CPU_COUNT`` on 3.13+), and a cgroup CPU quota (containers,
+    slurm) when one is set. ``os.cpu_count()`` counts the machine, which oversubscribes.
+
+    Example:
+        >>> usable_cpus() >= 1
+        True
+    """
+    process_cpu_count = getattr(os, "process_cpu_count", None)
+    count: int | None = process_cpu_count() if process_cpu_count is not None else None
+    if count is None:
+        try:
+            count = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            count = os.cpu_count() or 1
     quota = _cgroup_quota()
     if quota is not None:
         count = min(count, quota)
@@ -76,52 +85,186 @@ def _cgroup_quota() -> int | None:
     for first, second in candidates:
         try:
             with open(first) as handle:
-                fields = handle.read().split()
+                fields_ = handle.read().split()
             if second is not None:
                 with open(second) as handle:
-                    fields.append(handle.read().strip())
+                    fields_.append(handle.read().strip())
         except OSError:
             continue
-        if len(fields) >= 2 and fields[0] not in ("max", "-1"):
+        if len(fields_) >= 2 and fields_[0] not in ("max", "-1"):
             try:
-                return max(1, math.ceil(int(fields[0]) / int(fields[1])))
+                return max(1, math.ceil(int(fields_[0]) / int(fields_[1])))
             except (ValueError, ZeroDivisionError):
                 return None
         return None
     return None
 
 
-def _positive_int(name: str, value: Any, *, allow_none: bool, minimum: int = 1) -> int | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
+# -- value checks: each takes (name, value) and returns the value to keep ------------------
 
 
-def _choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, choices))}")
-    return str(value)
+def integer(name: str, value: Any, *, minimum: int = 1) -> int:
+    """An integer as ``operator.index`` accepts it (numpy's integers too, not ``bool`` nor
+    ``float``), at least ``minimum``.
+
+    Example:
+        >>> integer("workers", 2)
+        2
+        >>> integer("workers", 2.0)
+        Traceback (most recent call last):
+        ...
+        TypeError: workers must be an int, got float 2.0
+    """
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got bool {value!r}")
+    try:
+        number = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}") from None
+    if number < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {number}")
+    return number
+
+
+def _optional_positive(name: str, value: Any) -> int | None:
+    return None if value is None else integer(name, value)
+
+
+def _count(name: str, value: Any) -> int:
+    return integer(name, value, minimum=0)
+
+
+def _choice_of(choices: tuple[str, ...]) -> Callable[[str, Any], str]:
+    def check(name: str, value: Any) -> str:
+        if not isinstance(value, str) or value not in choices:
+            raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, choices))}")
+        return value
+
+    return check
 
 
 def _seconds(name: str, value: Any, *, allow_zero: bool) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a number of seconds, got {type(value).__name__}")
-    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+    seconds = float(value)
+    if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not allow_zero):
         raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
-    return float(value)
+    return seconds
+
+
+def _timeout(name: str, value: Any) -> float | None:
+    return _seconds(name, value, allow_zero=False)
+
+
+def _delay(name: str, value: Any) -> float:
+    return _seconds(name, value, allow_zero=True) or 0.0
+
+
+def _flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
+def _chunksize(name: str, value: Any) -> int | None:
+    return None if value == "auto" else _optional_positive(name, value)
+
+
+def _progress(name: str, value: Any) -> bool | str:
+    if not isinstance(value, bool) and value != "log":
+        raise ValueError(f"{name} must be True, False or 'log', got {value!r}")
+    return value  # type: ignore[no-any-return]
+
+
+def _text(name: str, value: Any) -> str | None:
+    if value is not None and not isinstance(value, str):
+        raise TypeError(f"{name} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _callable(name: str, value: Any) -> Any:
+    if value is not None and not callable(value):
+        raise TypeError(f"{name} must be callable, got {type(value).__name__}")
+    return value
+
+
+def _initargs(name: str, value: Any) -> tuple[Any, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, str | bytes) or not isinstance(value, tuple | list):
+        raise TypeError(f"{name} must be a tuple, got {type(value).__name__}")
+    return tuple(value)
+
+
+def _address(name: str, value: Any) -> str | None:
+    if value is not None and (not isinstance(value, str) or not value.strip()):
+        raise TypeError(f"{name} must be a cluster address string, got {value!r}")
+    return value
+
+
+def _client(name: str, value: Any) -> Any:
+    module = type(value).__module__.partition(".")[0]
+    if value is not None and (module != "distributed" or not hasattr(value, "submit")):
+        raise TypeError(f"{name} must be a distributed.Client, got {type(value).__name__}")
+    return value
+
+
+# -- the table -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option: how its value is checked, whether it belongs to a ``Pool``, and the
+    backend capability a value other than its default needs."""
+
+    check: Callable[[str, Any], Any]
+    pool: bool = False  # shapes the workers: a Pool takes it once, not per call
+    needs: str | None = None
+
+
+OPTIONS: dict[str, Option] = {
+    "workers": Option(_optional_positive, pool=True),
+    "backend": Option(_choice_of(BACKENDS), pool=True),
+    "ordered": Option(_flag),
+    "chunksize": Option(_chunksize),
+    "progress": Option(_progress),
+    "desc": Option(_text),
+    "errors": Option(_choice_of(ERROR_MODES)),
+    "timeout": Option(_timeout, needs="timeout"),
+    "retries": Option(_count),
+    "retry_delay": Option(_delay),
+    "initializer": Option(_callable, pool=True),
+    "initargs": Option(_initargs, pool=True),
+    "max_tasks_per_worker": Option(_optional_positive, pool=True, needs="max_tasks_per_worker"),
+    "address": Option(_address, pool=True, needs="address"),
+    "client": Option(_client, pool=True, needs="client"),
+}
+
+#: options that shape the workers: a Pool takes them once, not per call
+POOL_ONLY = tuple(name for name, option in OPTIONS.items() if option.pool)
 
 
 def validate(base: Options | None = None, **given: Any) -> Options:
-    """Check ``given`` options (on top of ``base``) and return them as ``Options``."""
+    """Check ``given`` options (on top of ``base``, a ``Pool``'s) and return them as
+    ``Options``. Raises ``TypeError`` for an unknown name or a value of the wrong type,
+    ``ValueError`` for a wrong value or one the backend cannot honour.
+
+    Example:
+        >>> validate(workers=2, ordered=False).ordered
+        False
+        >>> validate(worker=2)
+        Traceback (most recent call last):
+        ...
+        TypeError: unexpected keyword argument 'worker' (did you mean 'workers'?)
+    """
     checked: dict[str, Any] = {}
     for name, value in given.items():
-        checked[name] = _check(name, value)
+        option = OPTIONS.get(name)
+        if option is None:
+            raise TypeError(f"unexpected keyword argument {name!r}{_did_you_mean(name)}")
+        checked[name] = option.check(name, value)
     if base is None:
         if checked.get("workers") is None:
             checked["workers"] = usable_cpus()
@@ -129,68 +272,43 @@ def validate(base: Options | None = None, **given: Any) -> Options:
         options = Options(**checked)
     else:
         options = replace(base, **checked)
-    _check_cluster(options)
+    _check_capabilities(options)
     return options
 
 
-def _check_cluster(options: Options) -> None:
-    """``address``/``client`` name a cluster: only for the engines that run on one."""
-    for name in ("address", "client"):
-        if getattr(options, name) is not None and options.backend not in CLUSTER_BACKENDS:
-            engines = "backend='dask'" if name == "client" else "backend='dask' or 'ray'"
-            raise ValueError(f"{name}= is for {engines}, not backend={options.backend!r}")
+def _did_you_mean(name: str) -> str:
+    close = difflib.get_close_matches(name, OPTIONS, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _check_capabilities(options: Options) -> None:
+    """Refuse an option the backend cannot honour, saying why and what to use instead."""
+    defaults = _DEFAULTS
+    have = CAPABILITIES[options.backend]
+    for name, option in OPTIONS.items():
+        if option.needs is None or option.needs in have:
+            continue
+        if getattr(options, name) != defaults[name]:
+            raise ValueError(f"{name}= {_WHY_NOT[option.needs](options.backend)}")
     if options.client is not None and options.address is not None:
         raise ValueError("give client= or address=, not both (the client has an address)")
 
 
-def _check(name: str, value: Any) -> Any:
-    if name == "workers":
-        return _positive_int("workers", value, allow_none=True)
-    if name == "backend":
-        return _choice("backend", value, BACKENDS)
-    if name == "ordered":
-        if not isinstance(value, bool):
-            raise TypeError(f"ordered must be True or False, got {value!r}")
-        return value
-    if name == "chunksize":
-        if value == "auto":
-            return None
-        return _positive_int("chunksize", value, allow_none=True)
-    if name == "progress":
-        if not isinstance(value, bool) and value != "log":
-            raise ValueError(f"progress must be True, False or 'log', got {value!r}")
-        return value
-    if name == "desc":
-        if value is not None and not isinstance(value, str):
-            raise TypeError(f"desc must be a string, got {type(value).__name__}")
-        return value
-    if name == "errors":
-        return _choice("errors", value, ERROR_MODES)
-    if name == "timeout":
-        return _seconds("timeout", value, allow_zero=False)
-    if name == "retries":
-        return _positive_int("retries", value, allow_none=False, minimum=0)
-    if name == "retry_delay":
-        return _seconds("retry_delay", value, allow_zero=True) or 0.0
-    if name == "initializer":
-        if value is not None and not callable(value):
-            raise TypeError(f"initializer must be callable, got {type(value).__name__}")
-        return value
-    if name == "initargs":
-        if value is None:
-            return ()
-        if isinstance(value, str | bytes) or not isinstance(value, tuple | list):
-            raise TypeError(f"initargs must be a tuple, got {type(value).__name__}")
-        return tuple(value)
-    if name == "max_tasks_per_worker":
-        return _positive_int("max_tasks_per_worker", value, allow_none=True)
-    if name == "address":
-        if value is not None and (not isinstance(value, str) or not value.strip()):
-            raise TypeError(f"address must be a cluster address string, got {value!r}")
-        return value
-    if name == "client":
-        module = type(value).__module__.partition(".")[0]
-        if value is not None and (module != "distributed" or not hasattr(value, "submit")):
-            raise TypeError(f"client must be a distributed.Client, got {type(value).__name__}")
-        return value
-    raise TypeError(f"unexpected keyword argument {name!r}")  # pragma: no cover
+_DEFAULTS = {f.name: f.default for f in fields(Options) if f.name != "workers"}
+_WHY_NOT: dict[str, Callable[[str], str]] = {
+    "timeout": lambda backend: (
+        f"cannot be enforced with backend={backend!r} (nothing can stop a task running in "
+        "the caller's thread); use 'process'"
+    ),
+    "max_tasks_per_worker": lambda backend: (
+        f"is not supported with backend={backend!r} "
+        + {
+            "serial": "(it has no worker to replace)",
+            "dask": "(dask workers are long-lived processes it manages)",
+            "ray": "(Ray reuses its worker processes as it sees fit)",
+        }.get(backend, "")
+        + "; use backend='process'"
+    ),
+    "address": lambda backend: f"is for backend='dask' or 'ray', not backend={backend!r}",
+    "client": lambda backend: f"is for backend='dask', not backend={backend!r}",
+}

@@ -12,6 +12,16 @@ if TYPE_CHECKING:  # workers import this package and need none of it
     from multitrack.backends._base import Backend
 
 NAMES = ("process", "thread", "serial", "dask", "ray")
+#: what each backend can honour, for the options that need it (``_options.OPTIONS``):
+#: ``timeout`` needs a task to be stoppable or abandonable, ``max_tasks_per_worker`` workers
+#: that are ours to replace, ``address``/``client`` a cluster to attach to
+CAPABILITIES: dict[str, frozenset[str]] = {
+    "process": frozenset({"timeout", "max_tasks_per_worker"}),
+    "thread": frozenset({"timeout", "max_tasks_per_worker"}),
+    "serial": frozenset(),
+    "dask": frozenset({"timeout", "address", "client"}),
+    "ray": frozenset({"timeout", "address"}),
+}
 #: the engines that run on a cluster: optional extras, each with its install command
 CLUSTER_EXTRAS = {"dask": ("distributed", "dask"), "ray": ("ray", "ray")}
 
