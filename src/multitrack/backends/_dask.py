@@ -21,23 +21,20 @@
   chunk is that item's ``WorkerCrashed``; several chunks, or a chunk of several items, mean
   the culprit is unknown, and the scheduler re-runs each item alone.
 * **Timeouts are best effort**: dask cannot stop a running task. ``kill`` cancels the chunk's
-  future (the caller gets ``TaskTimeout`` at once) and asks the worker's nanny to restart the
-  worker process, in the background (1-2 s; 5-6 s when the task ignores the nanny's polite
-  stop, as ``time.sleep`` does). Until it is back, its slot is not reused. A worker without a
-  nanny cannot be restarted: its task runs on, its thread stays out of use for the rest of
-  the call (new chunks prefer other workers), and when no thread is left the call fails.
+  future (the caller gets ``TaskTimeout`` at once) and has the worker's nanny restart the
+  worker process in the background (1-2 s; 5-6 s when the task ignores the nanny's polite
+  stop, as ``time.sleep`` does); until it is back, its slot is not reused. Without a nanny the
+  task runs on and its thread stays out of use; when no thread is left, the call fails.
 * **Results**: read and released at once (a result left on a worker would be recomputed if that
   worker died later).
 * **Watchdog**: the call fails when the cluster has had no worker for ``NO_WORKER_GRACE``.
-* **Quiet**: the ``distributed`` loggers of this process (the scheduler and nannies of a local
-  cluster live here) are disabled while a call runs; task prints come back with the chunk.
 
-Which cluster, and closing only what multitrack started there: ``_dask_cluster``.
+Which cluster, whose it is, which of its threads are usable, restarts and quiet logging:
+``_dask_cluster``. Flights, waiting, blame and relaying: ``_cluster_backend``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -52,9 +49,6 @@ from multitrack.backends._dask_cluster import DaskCluster, distributed
 NO_WORKER_GRACE = 60.0
 # How long KilledWorker errors from one dead worker are gathered before they are judged.
 GATHER = 0.05
-RESTART_TIMEOUT = 60.0
-# How old the driver's view of the cluster's worker threads may be.
-THREADS_MAX_AGE = 0.2
 
 
 class DaskBackend(ClusterBackend):
@@ -68,12 +62,8 @@ class DaskBackend(ClusterBackend):
         super().__init__(workers, **options)
         self._cluster = DaskCluster(workers, self._address, client)
         self._client: Any = None  # the cluster's client, once connected
-        self._dead: dict[str, tuple[float, list[ClusterFlight]]] = {}  # worker -> (judge at, lost)
-        self._restarting: dict[str, Any] = {}  # worker -> concurrent future of its restart
-        # worker -> threads held by timed-out tasks we could not stop (no nanny to restart it)
-        self._held: dict[str, int] = {}
-        self._threads: dict[str, int] = {}  # worker -> threads, as last asked
-        self._threads_checked = -THREADS_MAX_AGE
+        # dead worker -> (when to judge, the flights it took): see ``_gather_death``
+        self._dead: dict[str, tuple[float, list[ClusterFlight]]] = {}
         self._submitted = 0
 
     # -- the cluster ----------------------------------------------------------------------
@@ -91,9 +81,6 @@ class DaskBackend(ClusterBackend):
         return sum(self._client.nthreads().values())  # type: ignore[no-any-return]
 
     def _shut_down(self) -> None:
-        for restart in self._restarting.values():
-            restart.cancel()
-        self._restarting.clear()
         self._cluster.close()
         self._client = None
 
@@ -108,32 +95,7 @@ class DaskBackend(ClusterBackend):
     # -- scheduling -----------------------------------------------------------------------
 
     def capacity(self) -> int:
-        return max(0, min(self.slots, self._usable_threads()) - len(self._flights))
-
-    def _usable_threads(self) -> int:
-        """Worker threads alive and not being restarted (asked at most every
-        ``THREADS_MAX_AGE``): while a dead worker is away, fewer chunks go out, so two never
-        share a worker and a death is never blamed on a chunk that was only queued there."""
-        now = time.monotonic()
-        if now >= self._threads_checked + THREADS_MAX_AGE:
-            for address, restart in list(self._restarting.items()):
-                if restart.done():
-                    del self._restarting[address]
-            self._threads = {
-                address: info.get("nthreads", 1)
-                for address, info in self._client.scheduler_info()["workers"].items()
-                if info.get("status", "running") == "running"  # not closing or restarting
-            }
-            self._threads_checked = now
-        return sum(self._free_threads().values())
-
-    def _free_threads(self) -> dict[str, int]:
-        """Live worker threads not restarting and not held by a task we could not stop."""
-        return {
-            address: n - self._held.get(address, 0)
-            for address, n in self._threads.items()
-            if address not in self._restarting and n > self._held.get(address, 0)
-        }
+        return max(0, min(self.slots, self._cluster.usable_threads()) - len(self._flights))
 
     def _launch(self, payload: Any) -> Any:
         self._submitted += 1
@@ -142,8 +104,9 @@ class DaskBackend(ClusterBackend):
         # one chunk per live thread. Only a worker still running a task we could not stop
         # (no nanny) looks idle to the scheduler: then ask for the others, as a preference.
         restrictions: dict[str, Any] = {}
-        if self._held:
-            restrictions = {"workers": list(self._free_threads()), "allow_other_workers": True}
+        if self._cluster.held:
+            free = list(self._cluster.free_threads())
+            restrictions = {"workers": free, "allow_other_workers": True}
         return self._client.submit(
             _cluster.run_chunk,
             self._shipment,
@@ -181,66 +144,26 @@ class DaskBackend(ClusterBackend):
         return False
 
     def _cancel(self, flight: ClusterFlight) -> None:
-        self._stop([flight], restart=True)
+        self._cluster.stop([flight.handle], restart=True, output=self._output)
         flight.handle.release()
 
     def _abandon(self, flights: list[ClusterFlight], *, abort: bool) -> None:
-        if abort and flights:
+        futures = [flight.handle for flight in flights]
+        if abort and futures:
             # Only on a cluster of our own are workers restarted to stop what runs there;
             # on a shared one the cancelled chunks run to their end (dask cannot stop them).
-            self._stop(flights, restart=self._cluster.local is not None)
-        for flight in flights:
-            flight.handle.release()
+            own = self._cluster.local is not None
+            self._cluster.stop(futures, restart=own, output=self._output)
+        for future in futures:
+            future.release()
         self._dead.clear()
-        self._held.clear()
-
-    def _stop(self, flights: list[ClusterFlight], *, restart: bool) -> None:
-        """Cancel these chunks and (``restart``) restart, through their nannies, the workers
-        running them: the only way dask has to stop a running task."""
-        keys = {f.handle.key for f in flights}
-        try:
-            processing = self._client.processing() if restart else {}
-            nannies = {
-                address: info.get("nanny")
-                for address, info in self._client.scheduler_info()["workers"].items()
-            }
-            self._client.cancel([f.handle for f in flights], force=True)
-        except Exception:  # the scheduler is gone: nothing runs there any more
-            return
-        for address, running in processing.items():
-            if not keys.intersection(running) or address in self._restarting:
-                continue
-            if nannies.get(address) is None and address in nannies:
-                self._held[address] = self._held.get(address, 0) + 1  # lost for this call
-                self._output(
-                    f"multitrack: the dask worker {address} has no nanny, so its timed-out "
-                    "task cannot be stopped; it runs on and its slot is not reused\n",
-                    "stderr",
-                )
-            else:
-                self._restart(address)
-
-    def _restart(self, address: str) -> None:
-        """In the background: the scheduler asks the nanny to stop the worker process
-        (politely, then SIGKILL after a few seconds) and the nanny starts a new one, which
-        ``_usable_threads`` counts once it is running."""
-        self._restarting[address] = asyncio.run_coroutine_threadsafe(
-            self._client.scheduler.restart_workers(
-                workers=[address],
-                timeout=RESTART_TIMEOUT,
-                wait_for_workers=False,
-                on_error="return",
-                stimulus_id=f"multitrack-stop-{time.time()}",
-            ),
-            self._client.loop.asyncio_loop,
-        )
-        self._threads_checked = -THREADS_MAX_AGE
+        self._cluster.held.clear()
 
     # -- waiting --------------------------------------------------------------------------
 
     def poll(self, timeout: float | None) -> Sequence[Event]:
         events = super().poll(timeout)
-        if self._held and not self._flights and not events and self.capacity() == 0:
+        if self._cluster.held and not self._flights and not events and self.capacity() == 0:
             raise WorkerStartError(
                 "every dask worker thread is held by a timed-out task that dask cannot stop "
                 "(its worker has no nanny to restart it), so nothing can run"
@@ -297,7 +220,7 @@ class DaskBackend(ClusterBackend):
         _, lost = self._dead.setdefault(address, (time.monotonic() + GATHER, []))
         lost.append(flight)
         flight.pid = getattr(worker, "pid", None)
-        self._threads_checked = -THREADS_MAX_AGE  # that worker is gone: ask again
+        self._cluster.recount()  # that worker is gone
 
     def _judge_deaths(self) -> None:
         """Report the chunks of dead workers once their ``KilledWorker``s are all in."""
