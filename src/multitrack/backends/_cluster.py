@@ -1,5 +1,5 @@
-"""What the dask and ray backends share: the chunk runner that executes on a cluster worker,
-and the driver-side packing around it.
+"""What runs on a cluster worker for the dask and ray backends: the chunk runner, and both ends
+of what crosses to it and back.
 
 Both engines run a *task* per chunk; the task is ``run_chunk``, a module-level function (so it
 is pickled by reference: the workers import ``multitrack`` instead of receiving code)::
@@ -21,7 +21,9 @@ threads) and returned with the outcomes, so the driver shows them above the prog
 engines' own forwarding would write them through the bar (ray) or straight to the terminal
 (dask).
 
-Imported on the workers: stdlib and ``_wire`` only, nothing of dask or ray.
+Imported on the workers: stdlib, ``_wire`` and ``_base`` only, nothing of dask or ray. That is
+why the driver around it, ``ClusterBackend`` (flights, waiting, blame, relaying the prints),
+lives apart in ``_cluster_backend``.
 """
 
 from __future__ import annotations

@@ -1,17 +1,18 @@
 """``ClusterBackend``: the driver side that the dask and ray backends share.
 
 Both engines run one engine task per chunk (``_cluster.run_chunk``) and differ only in how a
-task is started, waited for and stopped. This class owns everything else, so that each engine
-module is a set of hooks (marked *hook* below)::
+task is started, waited for and stopped. This class owns everything else; an engine module
+supplies the hooks (the methods at the end of the class, called with a leading underscore in
+the sketch)::
 
     Run ─submit(Chunk)─▶ pack_args ─▶ _launch(payload) ──▶ engine task ──▶ cluster worker
-                            │ _flights: handle ─▶ ClusterFlight(chunk, positions, started, pid)
-    Run ◀─poll(timeout)─ events ◀─ _take_ready(≤ WATCH_INTERVAL) ─▶ _finish(flight, bytes | None)
-                            │        bytes: outcomes, prints (relayed), or "split" (_send again)
-                            │        None:  the worker is gone ─▶ Lost
-    Run ─running()──▶ (chunk, first position, started) of each flight that has started
+                         _flights: handle ─▶ ClusterFlight(chunk, positions, started, pid)
+    Run ◀─poll─ events ◀─ _ready(≤ WATCH_INTERVAL): handles with news ─▶ _read(flight)
+                           ├─ _finish(flight, bytes): outcomes, prints relayed; "split": _send
+                           └─ _finish(flight, None): its worker is gone ─▶ Lost
+    Run ─running()─▶ (chunk, first position, started) of each flight that has started
     Run ─kill(chunk id)─▶ _may_kill? ─▶ _cancel(flight) ─▶ Lost(killed=True)
-                          _watch: the cluster cannot run anything for a grace ─▶ WorkerStartError
+    _watch (in poll): _starved() for longer than its grace ─▶ WorkerStartError
 
 * **A "worker" is a chunk.** The driver never learns which process runs a chunk before it
   ends, and every chunk runs on its own engine task, so the protocol's worker handle
@@ -24,10 +25,10 @@ module is a set of hooks (marked *hook* below)::
   The engine only times whole chunks (``times_chunks_only``).
 * **Never hangs**: ``poll`` waits at most ``WATCH_INTERVAL``; the watchdog fails the call
   when the engine says (``_starved``) it has had nothing to run on for its grace period.
-* **Quiet** (*hook* ``_quiet``): the engine's own reports of dying workers are off while a
+* **Quiet** (``_quiet``): the engine's own reports of dying workers are off while a
   call runs and while a cluster of ours shuts down; the caller gets ``WorkerCrashed``.
-* **Lifetimes**: ``end`` forgets every flight (*hook* ``_abandon`` stops or releases them);
-  ``close`` shuts down only what ``_connect`` started (*hook* ``_shut_down``).
+* **Lifetimes**: ``end`` forgets every flight (``_abandon`` stops or releases them);
+  ``close`` shuts down only what ``_connect`` started (``_shut_down``).
 """
 
 from __future__ import annotations
@@ -203,10 +204,14 @@ class ClusterBackend(Backend):
 
     def _wait(self, bound: float) -> None:
         """Wait at most ``bound`` seconds for chunks to end, and take what ended."""
-        if self._flights:
-            self._take_ready(bound)
-        elif bound > 0:
-            time.sleep(bound)
+        if not self._flights:
+            if bound > 0:
+                time.sleep(bound)
+            return
+        for handle in self._ready(bound):
+            flight = self._flights.get(handle)
+            if flight is not None:
+                self._read(flight)
 
     def _finish(self, flight: ClusterFlight, data: bytes | None, *, known: bool = True) -> None:
         """``flight`` ended: with what ``run_chunk`` returned, or (``None``) with its worker."""
@@ -287,8 +292,12 @@ class ClusterBackend(Backend):
         """Start ``run_chunk`` on ``self._shipment`` and ``payload``; its handle."""
 
     @abstractmethod
-    def _take_ready(self, bound: float) -> None:
-        """Wait at most ``bound`` seconds for flights to end; ``_finish`` each that did."""
+    def _ready(self, bound: float) -> list[Any]:
+        """Wait at most ``bound`` seconds for flights to have news; the handles that have."""
+
+    @abstractmethod
+    def _read(self, flight: ClusterFlight) -> None:
+        """Take ``flight``'s news: ``_finish`` it when it ended."""
 
     def _may_kill(self, flight: ClusterFlight) -> bool:
         """Whether ``kill`` should stop ``flight`` now (it may have just ended)."""

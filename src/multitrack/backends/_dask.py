@@ -177,20 +177,17 @@ class DaskBackend(ClusterBackend):
         super()._wait(bound)
         self._judge_deaths()
 
-    def _take_ready(self, bound: float) -> None:
+    def _ready(self, bound: float) -> list[Any]:
         try:
             with self._client.as_current():  # wait() asks for "the" client
                 futures = list(self._flights)
                 done, _ = distributed.wait(futures, bound, return_when="FIRST_COMPLETED")
         except TimeoutError:
-            done = set()
-        for future in done:
-            self._collect(future)
+            return []
+        return list(done)
 
-    def _collect(self, future: Any) -> None:
-        flight = self._flights.get(future)
-        if flight is None:
-            return
+    def _read(self, flight: ClusterFlight) -> None:
+        future = flight.handle
         status = future.status
         if status == "finished":
             try:

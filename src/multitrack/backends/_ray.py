@@ -166,7 +166,7 @@ class RayBackend(ClusterBackend):
         for _ in range(2):  # its marker, then its result, may be waiting to be read
             if task not in self._flights or not ray.wait([task], timeout=0)[0]:
                 break
-            self._take(task)  # it finished just now: no kill (it would hit the next task)
+            self._read(flight)  # it finished just now: no kill (it would hit the next task)
         return task in self._flights
 
     def _cancel(self, flight: ClusterFlight) -> None:
@@ -181,21 +181,17 @@ class RayBackend(ClusterBackend):
             # of this driver, and a kill that lands late would hit the next call's chunk.
             _drain(tasks, time.monotonic() + CANCEL_GRACE)
 
-    def _take_ready(self, bound: float) -> None:
+    def _ready(self, bound: float) -> list[Any]:
         tasks = list(self._flights)
         ready, rest = ray.wait(tasks, num_returns=1, timeout=bound, fetch_local=True)
         if ready and rest:
             more, _ = ray.wait(rest, num_returns=len(rest), timeout=0, fetch_local=True)
             ready.extend(more)
-        for task in ready:
-            self._take(task)
+        return ready  # type: ignore[no-any-return]
 
-    def _take(self, task: Any) -> None:
+    def _read(self, flight: ClusterFlight) -> None:
         """The next thing a task yielded: its "started" marker, its result, or its death."""
-        flight = self._flights.get(task)
-        if flight is None:
-            return
-        data = _next_message(task)
+        data = _next_message(flight.handle)
         if data is not None and data.startswith(_cluster.STARTED):
             flight.started = time.monotonic()
             flight.pid = int(data[len(_cluster.STARTED) :])
