@@ -16,6 +16,7 @@ as ``Lost``. It raises only for its own failures (``WorkerStartError``).
 
 from __future__ import annotations
 
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -121,6 +122,13 @@ class Running:
 
 # Where worker output goes: ``output(text, stream)`` with whole lines, stream "stdout"/"stderr".
 Output = Callable[[str, str], None]
+
+
+def print_through(text: str, stream: str) -> None:
+    """The ``Output`` of a backend before its first call: straight to this process's stream."""
+    out = sys.stderr if stream == "stderr" else sys.stdout
+    out.write(text)
+    out.flush()
 
 
 class Backend(ABC):

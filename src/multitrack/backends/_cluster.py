@@ -1,5 +1,5 @@
-"""What the dask and ray backends share: the chunk runner that executes on a cluster worker,
-and the driver-side packing around it.
+"""What runs on a cluster worker for the dask and ray backends: the chunk runner, and both ends
+of what crosses to it and back.
 
 Both engines run a *task* per chunk; the task is ``run_chunk``, a module-level function (so it
 is pickled by reference: the workers import ``multitrack`` instead of receiving code)::
@@ -21,7 +21,9 @@ threads) and returned with the outcomes, so the driver shows them above the prog
 engines' own forwarding would write them through the bar (ray) or straight to the terminal
 (dask).
 
-Imported on the workers: stdlib and ``_wire`` only, nothing of dask or ray.
+Imported on the workers: stdlib, ``_wire`` and ``_base`` only, nothing of dask or ray. That is
+why the driver around it, ``ClusterBackend`` (flights, waiting, blame, relaying the prints),
+lives apart in ``_cluster_backend``.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from multitrack.backends import _wire
-from multitrack.backends._base import Chunk, Completed, Outcome, completed_from_outcomes
+from multitrack.backends._base import Outcome
 
 # Worker side: functions of recent calls by call key (a pool reuses workers across calls).
 _LOADED: dict[str, Callable[..., Any]] = {}
@@ -111,13 +113,13 @@ def unpack_result(data: bytes) -> tuple[Any, ...]:
     message = _wire.loads(data)
     kind = message[0]
     if kind == "done":
-        _, first_failures, values, errors, busy, output = message
+        _, first_failures, positions, values, errors, busy, output = message
         outcomes: list[Outcome] = [
             (position, False, _wire.unpack_error(packed)) for position, _, packed in first_failures
         ]
-        for position, value in values:
-            if position in errors:
-                outcomes.append((position, False, _wire.unpack_error(errors[position])))
+        for offset, (position, value) in enumerate(zip(positions, values, strict=True)):
+            if offset in errors:
+                outcomes.append((position, False, _wire.unpack_error(errors[offset])))
             else:
                 outcomes.append((position, True, value))
         return ("done", outcomes, busy, output)
@@ -162,23 +164,23 @@ def _run(shipment: bytes, args: Any) -> Iterator[bytes]:
             yield _wire.dumps(("split",))
             return
         yield STARTED + str(os.getpid()).encode()
-        values: list[tuple[int, Any]] = []
-        errors: dict[int, Any] = {}
+        values: list[Any] = []  # values[k]: the result of calls[k], at positions[k]
+        errors: dict[int, Any] = {}  # k -> packed exception
         clock = time.monotonic
         begun = clock()
-        for position, call in zip(positions, calls, strict=True):
+        for offset, call in enumerate(calls):
             try:
-                values.append((position, fn(call)))
+                values.append(fn(call))
             except BaseException as exc:  # SystemExit, KeyboardInterrupt too: its failure
-                errors[position] = _wire.pack_error(exc)
-                values.append((position, None))
+                errors[offset] = _wire.pack_error(exc)
+                values.append(None)
         busy = clock() - begun
-    message = ("done", failures, values, errors, busy, output)
+    message = ("done", failures, positions, values, errors, busy, output)
     try:
         data = _wire.dumps(message)
     except BaseException:
-        _make_picklable(values, errors)
-        data = _wire.dumps(("done", failures, values, errors, busy, output))
+        _wire.make_picklable(values, errors)  # in place: ``message`` holds these two
+        data = _wire.dumps(message)
     yield data
 
 
@@ -239,18 +241,6 @@ def _unpack_args(
         except BaseException as exc:
             failures.append((position, False, _wire.pack_error(exc)))
     return positions, calls, failures
-
-
-def _make_picklable(values: list[tuple[int, Any]], errors: dict[int, Any]) -> None:
-    """Replace each result (or exception) that cannot be pickled by a failure that says so."""
-    for offset, (position, value) in enumerate(values):
-        failed = position in errors
-        try:
-            _wire.dumps(errors[position] if failed else value)
-        except BaseException as exc:
-            what = "the task's exception" if failed else "the task's result"
-            errors[position] = _wire.pack_error(_wire.pickling_failure(what, value, exc))
-            values[offset] = (position, None)
 
 
 class _Router(io.TextIOBase):
@@ -318,48 +308,3 @@ class _Capturing:
 
 
 _CAPTURE = _Capture()
-
-
-# -- both drivers ---------------------------------------------------------------------------
-
-
-def emit_output(output: Sequence[tuple[str, str]], sink: Callable[[str, str], None]) -> None:
-    """Relay a chunk's captured prints, as whole lines."""
-    for text, stream in output:
-        if text:
-            sink(text if text.endswith("\n") else text + "\n", stream)
-
-
-def on_result(
-    engine: str,
-    chunk: Chunk,
-    data: bytes,
-    output: Callable[[str, str], None],
-    resend: Callable[[Chunk, Any, list[Outcome]], None],
-) -> list[Completed]:
-    """Parent side: what a chunk's result message means, the same on every engine.
-
-    ``done``: the outcomes (returned as events); ``split``: the worker could not unpickle the
-    chunk's arguments, so they are resent one by one (``resend``); otherwise the function or
-    its initializer could not run there, which stops the call."""
-    from multitrack._errors import WorkerStartError
-
-    message = unpack_result(data)
-    kind = message[0]
-    if kind == "done":
-        _, outcomes, busy, lines = message
-        emit_output(lines, output)
-        return completed_from_outcomes(chunk.id, outcomes, busy)
-    if kind == "split":
-        payload, failures = split_args(chunk.args)
-        resend(chunk, payload, failures)
-        return []
-    cause = message[1]
-    if kind == "start_error":
-        raise WorkerStartError(
-            f"the initializer failed on a {engine} worker: {_wire.describe(cause)}"
-        ) from cause
-    raise WorkerStartError(
-        f"the function could not be loaded on a {engine} worker: {_wire.describe(cause)} "
-        "(is its module importable there?)"
-    ) from cause

@@ -65,7 +65,7 @@ from typing import IO, Any
 from multitrack._errors import WorkerStartError
 from multitrack.backends import _protocol as P
 from multitrack.backends import _wire
-from multitrack.backends._base import Chunk, Completed, Event, Output, Running
+from multitrack.backends._base import Chunk, Completed, Event, Output, Running, print_through
 from multitrack.backends._channel import Channel
 from multitrack.backends._pooled import PooledBackend
 from multitrack.backends._proc import Message, State, WorkerHandle
@@ -106,7 +106,7 @@ class ProcessBackend(PooledBackend):
         self._fn_payload = self._init_payload = b""
         self._fn_version = 0
         self._timed = False
-        self._output: Output = _print_through
+        self._output: Output = print_through
         self._active = False
         self._closed = False
         self._thread_limits = thread_limits(workers)
@@ -433,9 +433,3 @@ def _slot_file() -> IO[bytes]:
 def _sleep(timeout: float | None) -> list[Any]:
     time.sleep(0.05 if timeout is None else min(timeout, 0.05))
     return []
-
-
-def _print_through(text: str, stream: str) -> None:
-    out = sys.stderr if stream == "stderr" else sys.stdout
-    out.write(text)
-    out.flush()

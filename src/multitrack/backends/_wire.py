@@ -144,6 +144,20 @@ def unpack_error(packed: tuple[str, str, str, bytes | None]) -> BaseException:
     return exc
 
 
+def make_picklable(values: list[Any], errors: dict[int, Any]) -> None:
+    """After a batch of results failed to pickle: replace each result (``values[k]``) or packed
+    exception (``errors[k]``) that cannot be pickled by a packed failure that says so, in place.
+    The batch then pickles, and only the items at fault fail."""
+    for offset, value in enumerate(values):
+        failed = offset in errors
+        try:
+            dumps(errors[offset] if failed else value)
+        except BaseException as exc:
+            what = "the task's exception" if failed else "the task's result"
+            errors[offset] = pack_error(pickling_failure(what, value, exc))
+            values[offset] = None
+
+
 def pickling_failure(what: str, obj: Any, exc: BaseException) -> Exception:
     """The error for a value that could not cross the boundary."""
     from multitrack._errors import RemoteError

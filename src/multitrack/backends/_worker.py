@@ -325,7 +325,7 @@ class Worker:
         try:
             data = _wire.dumps((P.DONE, chunk_id, first, values, errors, busy), buffers)
         except BaseException:
-            _make_picklable(values, errors)
+            _wire.make_picklable(values, errors)
             data = _wire.dumps((P.DONE, chunk_id, first, values, errors, busy), buffers)
         with self.sending:
             self.conn.send_bytes(data, buffers)
@@ -395,18 +395,6 @@ def _rebind(fn: types.FunctionType, namespace: dict[str, Any]) -> types.Function
         if hasattr(fn, name):
             setattr(new, name, getattr(fn, name))
     return new
-
-
-def _make_picklable(values: list[Any], errors: dict[int, Any]) -> None:
-    """Replace each result (or exception) that cannot be pickled by a failure that says so."""
-    for offset, value in enumerate(values):
-        failed = offset in errors
-        try:
-            _wire.dumps(errors[offset] if failed else value)
-        except BaseException as exc:
-            what = "the task's exception" if failed else "the task's result"
-            errors[offset] = _wire.pack_error(_wire.pickling_failure(what, value, exc))
-            values[offset] = None
 
 
 def main() -> None:
