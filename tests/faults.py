@@ -253,3 +253,7 @@ def collect_garbage(_: Any) -> int:
     import gc
 
     return gc.collect()
+
+
+def sys_path(_: Any) -> list[str]:
+    return list(sys.path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import os
+import sys
 import threading
 from pathlib import Path
 
@@ -169,3 +170,43 @@ def test_waiting_for_an_exit_is_bounded_either_way(kind: str) -> None:
             os.kill(process.pid, signal.SIGKILL)
         assert _start.exited_within(process, 10.0)
         assert process.returncode == -signal.SIGKILL
+
+
+def test_a_fresh_workers_sys_path_is_the_callers_in_the_callers_order(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(_start.START_METHOD_ENV, "spawn")
+    [seen] = mt.map(faults.sys_path, [0], workers=1)
+    assert seen[: len(sys.path)] == sys.path
+
+
+SHADOWED = """
+import shutil, sys
+from pathlib import Path
+import multitrack
+# A normal install: multitrack in a folder after the standard library, beside a package
+# that shadows standard modules (PyPI's `typing` backport does, and kills every worker whose
+# sys.path puts that folder first).
+site = Path({site!r})
+shutil.copytree(Path(multitrack.__file__).parent, site / "multitrack")
+for name in ("typing", "queue"):
+    (site / f"{{name}}.py").write_text("raise ImportError('the standard library was shadowed')")
+for name in [m for m in sys.modules if m == "multitrack" or m.startswith("multitrack.")]:
+    del sys.modules[name]
+first_site = next(i for i, p in enumerate(sys.path) if "-packages" in p or p.endswith("src"))
+sys.path.insert(first_site, str(site))
+import multitrack as mt
+assert mt.__file__.startswith(str(site)), mt.__file__
+print(mt.map(abs, [-1, -2], workers=2))
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_package_that_shadows_the_standard_library_does_not_kill_fresh_workers(
+    tmp_path: Path,
+) -> None:
+    source = SHADOWED.format(site=str(tmp_path / "site"))
+    out = run_script(
+        tmp_path, f"import os\nos.environ['{_start.START_METHOD_ENV}'] = 'spawn'\n" + source
+    )
+    assert out.strip() == "[1, 2]"

@@ -48,8 +48,13 @@ START_METHOD_ENV = "MULTITRACK_START_METHOD"
 _START_METHODS = ("auto", "spawn")
 
 _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# A fresh interpreter's first line: the caller's sys.path, in the caller's order (marshal: a
+# builtin module, nothing to import), then the folder multitrack was imported from, *last*:
+# where that folder is site-packages, putting it first would let a package there shadow the
+# standard library (PyPI's ``typing`` backport kills every worker that way).
 _BOOT = (
-    f"import sys; sys.path.insert(0, {_PACKAGE_PARENT!r}); "
+    "import sys, marshal; sys.path[:] = marshal.loads(bytes.fromhex(sys.argv[3])); "
+    f"sys.path.append({_PACKAGE_PARENT!r}); "
     "from multitrack.backends._worker import main; main()"
 )
 # Native thread pools: without a cap every worker starts one thread per core and N workers
@@ -112,7 +117,7 @@ def start_worker(
     import subprocess  # only here: 3-4 ms of a first call's imports, for a path forks skip
 
     return subprocess.Popen(
-        [sys.executable, "-c", _BOOT, str(conn_fd), str(slot_fd)],
+        [sys.executable, "-c", _BOOT, str(conn_fd), str(slot_fd), _marshalled(sys.path)],
         pass_fds=(conn_fd, slot_fd),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
@@ -120,6 +125,14 @@ def start_worker(
         start_new_session=True,
         env={**os.environ, **limits},
     )
+
+
+def _marshalled(path: list[str]) -> str:
+    """``sys.path`` for the boot line (entries that are not strings are dropped, as the
+    import system ignores them)."""
+    import marshal
+
+    return marshal.dumps([entry for entry in path if isinstance(entry, str)]).hex()
 
 
 def _fork(

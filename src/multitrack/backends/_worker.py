@@ -398,7 +398,8 @@ def _rebind(fn: types.FunctionType, namespace: dict[str, Any]) -> types.Function
 
 
 def main() -> None:
-    """Entry point of a fresh interpreter: ``python -c '...main()' CONN_FD SLOT_FD``."""
+    """Entry point of a fresh interpreter: ``python -c BOOT CONN_FD SLOT_FD SYS_PATH`` (see
+    ``_start._BOOT``)."""
     run(int(sys.argv[1]), int(sys.argv[2]))
 
 
