@@ -67,6 +67,7 @@ class FakeBackend(Backend):
         self.ended: bool | None = None
         self.closed = False
         self.next_pid = 100
+        self.run: Run | None = None  # checked at every poll
 
     def begin(self, fn: Callable[[Any], Any], output: Output, *, timed: bool = False) -> None:
         self.fn = fn
@@ -82,6 +83,8 @@ class FakeBackend(Backend):
         self.queues[worker].append(chunk)
 
     def poll(self, timeout: float | None) -> Sequence[Event]:
+        if self.run is not None:  # the scheduler applied every earlier event by now
+            assert_every_task_is_in_one_place(self.run)
         self.polls.append(timeout)
         events, self.events = self.events, []
         for worker, queue in self.queues.items():
@@ -140,13 +143,17 @@ class FakeBackend(Backend):
 
 class RecordingProgress:
     def __init__(self) -> None:
-        self.done = self.failed = self.retried = 0
+        self.completed = self.failed = self.retried = 0
         self.total: int | None = None
         self.outcome: str | None = None
         self.lines: list[str] = []
 
+    @property
+    def done(self) -> int:
+        return self.completed
+
     def advance(self, n: int = 1) -> None:
-        self.done += n
+        self.completed += n
 
     def add_failed(self, n: int = 1) -> None:
         self.failed += n
@@ -206,7 +213,24 @@ def make_run(
         owns_backend=True,
         clock=clock,
     )
+    backend.run = run
     return run, backend, progress
+
+
+def assert_every_task_is_in_one_place(run: Run) -> None:
+    """Every task pulled so far is either unsettled, in exactly one place of the ledger, or
+    settled: held for release, or released."""
+    unsettled = run.ledger.unsettled()
+    assert len(unsettled) == len(set(unsettled)), f"a task in two places: {sorted(unsettled)}"
+    if run.order.ordered:
+        held = run.order.held_indices()
+        released = set(range(run.order.released))
+        places = [set(unsettled), held, released]
+        assert sum(map(len, places)) == run.pulled, (places, run.pulled)
+        assert set().union(*places) == set(range(run.pulled))
+    else:
+        held = len(run.order._ready)
+        assert len(unsettled) + held + run.order.released == run.pulled
 
 
 @pytest.mark.parametrize("chunksize", [1, 3, None])
