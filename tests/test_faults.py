@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -270,11 +271,46 @@ def test_worker_that_never_boots_is_a_start_error(monkeypatch: pytest.MonkeyPatc
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("backend", ["process", "thread"])
 def test_imap_dropped_half_way_stops_its_workers(backend: str) -> None:
+    # Gone at once, not merely before the suite's guard gives up: left alone, the threads
+    # would run the other 98 tasks (2.5 s), and workers not killed would be reaped one by one
+    # after a second's grace each.
+    threads_before = set(threading.enumerate())
     iterator = mt.imap(faults.sleep_for, [0.05] * 100, backend=backend, workers=2)
     next(iterator)
+    workers: list[Any]
+    if backend == "process":
+        workers = psutil.Process().children(recursive=True)
+    else:
+        workers = [t for t in threading.enumerate() if t not in threads_before]
+    assert len(workers) >= 2, workers
+    dropped = time.monotonic()
     del iterator
     gc.collect()
-    # the suite's guard then checks that no process or thread is left
+    while _still_running(workers) and time.monotonic() - dropped < PROMPTLY:
+        time.sleep(0.01)
+    took = time.monotonic() - dropped  # dropping it may itself have taken long
+    assert not _still_running(workers), f"{_still_running(workers)} outlived the dropped imap"
+    assert took < PROMPTLY, f"its workers took {took:.2f} s to go"
+
+
+PROMPTLY = 0.5  # seconds: well under the suite's leak guard
+
+
+def _still_running(workers: list[Any]) -> list[Any]:
+    """The worker threads still alive, or the worker processes not yet dead (a zombie is
+    dead: its parent's reaping is not the point here)."""
+    alive = []
+    for worker in workers:
+        if isinstance(worker, threading.Thread):
+            if worker.is_alive():
+                alive.append(worker)
+            continue
+        try:
+            if worker.status() != psutil.STATUS_ZOMBIE:
+                alive.append(worker)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
 
 
 # -- Ctrl-C and a killed parent (real signals to a real script) ----------------------------
