@@ -153,19 +153,40 @@ def test_whatever_a_task_raises_is_that_tasks_failure(
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("errors", ["raise", "return"])
 def test_timeout_kills_and_replaces_the_worker(errors: str) -> None:
-    hang = functools.partial(faults.sleep_on, seconds=60)
-    started = time.monotonic()
-    if errors == "raise":
-        with pytest.raises(mt.TaskTimeout) as caught:
-            mt.map(hang, range(6), workers=2, timeout=1.0)
-        error = caught.value
-    else:
-        results = mt.map(hang, range(6), workers=2, timeout=1.0, errors="return")
-        assert [r for i, r in enumerate(results) if i != 3] == [0, 1, 2, 4, 5]
-        error = results[3]
-    assert isinstance(error, mt.TaskTimeout) and isinstance(error, TimeoutError)
-    assert error.index == 3
-    assert time.monotonic() - started < 20  # not the task's 60 s
+    hang = functools.partial(faults.pid_unless_hang_on, seconds=60)
+    with mt.Pool(workers=2, progress=False) as pool:
+        assert pool.map(faults.square, range(4)) == [0, 1, 4, 9]
+        before = _live_children()
+        assert len(before) == 2
+        started = time.monotonic()
+        if errors == "raise":
+            with pytest.raises(mt.TaskTimeout) as caught:
+                pool.map(hang, range(6), timeout=1.0)
+            error = caught.value
+        else:
+            results = pool.map(hang, range(6), timeout=1.0, errors="return")
+            assert [r[0] for i, r in enumerate(results) if i != 3] == [0, 1, 2, 4, 5]
+            error = results[3]
+            # replaced during the call: two workers again, one of them new
+            after = _live_children()
+            assert len(after) == 2 and len(after & before) == 1, (before, after)
+        assert isinstance(error, mt.TaskTimeout) and isinstance(error, TimeoutError)
+        assert error.index == 3
+        assert time.monotonic() - started < 20  # not the task's 60 s
+        # The hung worker is gone, and the next call runs on two live workers, one of them
+        # new. With errors="raise", the other may have been stopped with the call too, and a
+        # fresh interpreter may still be starting while the first takes all the tasks.
+        used = set(pool.map(faults.pid_after_sleep, [0.2] * 4))
+        live = _live_children()
+        assert len(live) == 2 and live - before and used <= live, (before, used, live)
+        if errors == "return":
+            assert used == live
+
+
+def _live_children() -> set[int]:
+    return {
+        child.pid for child in psutil.Process().children() if child.status() != psutil.STATUS_ZOMBIE
+    }
 
 
 @pytest.mark.timeout(30)
