@@ -371,15 +371,17 @@ def _start_script(tmp_path: Path) -> tuple[subprocess.Popen[str], Path]:
 
 
 def _gone_within(pid: int, seconds: float) -> bool:
+    """Whether process ``pid`` is dead now or within ``seconds`` (checked at least once)."""
     deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
+    while True:
         try:
             if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
                 return True
         except psutil.NoSuchProcess:
             return True
+        if time.monotonic() >= deadline:
+            return False
         time.sleep(0.05)
-    return False
 
 
 @pytest.mark.timeout(40)
@@ -391,12 +393,19 @@ def test_ctrl_c_stops_the_run_within_a_second(tmp_path: Path, target: str) -> No
         os.killpg(proc.pid, signal.SIGINT)  # what a terminal does
     else:
         os.kill(proc.pid, signal.SIGINT)
+    proc.wait(timeout=10)
+    took = time.monotonic() - sent  # to the script's exit, its interpreter's shutdown included
+    workers = [int(pid.name) for pid in pid_dir.iterdir()]
+    survivors = [pid for pid in workers if not _gone_within(pid, 0.0)]  # none, already
     out, err = proc.communicate(timeout=10)
-    took = time.monotonic() - sent
     assert "caller saw KeyboardInterrupt" in out, err
-    assert took < 3.0, f"Ctrl-C took {took:.1f} s"
-    for pid in pid_dir.iterdir():
-        assert _gone_within(int(pid.name), 1.0), f"worker {pid.name} survived Ctrl-C"
+    assert took < CTRL_C_WITHIN, f"Ctrl-C took {took:.2f} s"
+    assert not survivors, f"workers {survivors} survived Ctrl-C"
+
+
+# Seconds from Ctrl-C to the script's exit, its workers killed and reaped and its interpreter
+# shut down: "within about a second" (it takes 20-40 ms on a 2-core machine).
+CTRL_C_WITHIN = 1.0
 
 
 @pytest.mark.timeout(40)
