@@ -67,11 +67,18 @@ def no_leftovers() -> Iterator[None]:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Cluster tests last. Ray and dask leave native threads (grpc, Ray's I/O) in this process
-    after their clusters stop, and with any other thread alive the process backend starts
-    fresh interpreters instead of forks: every other test should see a single-threaded
-    process, as a user's script is."""
-    items.sort(key=lambda item: item.path.name == "test_distributed.py")
+    """Cluster tests last (and any test marked ``dask`` or ``ray``). Ray and dask leave native
+    threads (grpc, Ray's I/O) in this process after their clusters stop, and with any other
+    thread alive the process backend starts fresh interpreters instead of forks; importing
+    ``distributed`` alone changes how exceptions pickle. Every other test should see a
+    single-threaded process without them, as a user's script is."""
+    items.sort(key=_uses_a_cluster_engine)
+
+
+def _uses_a_cluster_engine(item: pytest.Item) -> bool:
+    if item.path.name == "test_distributed.py":
+        return True
+    return any(item.get_closest_marker(name) for name in ("dask", "ray"))
 
 
 @pytest.fixture(params=["fork", "spawn"])

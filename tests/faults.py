@@ -257,3 +257,15 @@ def collect_garbage(_: Any) -> int:
 
 def sys_path(_: Any) -> list[str]:
     return list(sys.path)
+
+
+def pid_unless_hang_on(x: int, bad: int = 3, seconds: float = 60.0) -> tuple[int, int]:
+    """``(x, pid of the worker that ran it)``; task ``bad`` hangs for ``seconds``."""
+    if x == bad:
+        time.sleep(seconds)
+    return x, os.getpid()
+
+
+def pid_after_sleep(seconds: float) -> int:
+    time.sleep(seconds)
+    return os.getpid()

@@ -11,11 +11,14 @@ This module imports only the standard library at import time, so ``multitrack --
 and works without the optional extras; a command imports what it needs when it runs.
 
 Example:
-    >>> from multitrack.cli import main
-    >>> main(["demo", "--images", "8", "--workers", "2"])  # doctest: +SKIP
+    $ multitrack demo --images 8 --workers 2
     multitrack demo: resize 8 synthetic 1024x768 PNGs to 200x200 JPEGs
     ...
-    0
+
+    >>> from multitrack.cli import main
+    >>> main(["demo", "--images", "-1"])
+    Traceback (most recent call last):
+    SystemExit: 2
 """
 
 from __future__ import annotations
@@ -41,8 +44,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     Usage errors exit through ``SystemExit(2)`` with argparse's message.
 
     Example:
-        >>> main(["--version"])  # doctest: +SKIP
-        multitrack 0.1.0
+        >>> try:
+        ...     main(["--version"])
+        ... except SystemExit as exit:
+        ...     print("exit code", exit.code)
+        multitrack ...
+        exit code 0
     """
     args = build_parser().parse_args(argv)
     command: Command = args.command

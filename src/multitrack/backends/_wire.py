@@ -8,13 +8,16 @@ Two rules:
   (lambdas, closures) or when the pickle names ``__main__``: workers are fresh interpreters
   whose ``__main__`` is not the caller's script, so a class or function defined there must
   travel by value. cloudpickle tracks classes it sent by value, so an instance coming back
-  from a worker is rebuilt as the caller's own class.
+  from a worker is rebuilt as the caller's own class. What travels by value keeps its file
+  name, and its source lines where a worker could not read them (``_source``), so a remote
+  traceback shows the caller's file, line and source line.
 * A value that cannot be pickled or unpickled becomes a *failure of that one task*, described
   in words (which object, which type, why), never a crash of the worker or the scheduler.
 """
 
 from __future__ import annotations
 
+import io
 import pickle
 from collections.abc import Callable
 from typing import Any
@@ -43,13 +46,15 @@ def dumps(obj: Any, out_of_band: list[pickle.PickleBuffer] | None = None) -> byt
 def by_value(obj: Any, out_of_band: list[pickle.PickleBuffer] | None = None) -> bytes:
     """cloudpickle: functions and classes of ``__main__``, lambdas and closures by value.
     Imported on first need; a worker that never sees such a value never pays for it."""
-    import cloudpickle
+    from multitrack.backends._source import pickler_class
 
     if out_of_band is not None:
         out_of_band.clear()  # a failed first attempt may have collected some
-    return cloudpickle.dumps(  # type: ignore[no-any-return]
-        obj, PROTOCOL, buffer_callback=_collector(out_of_band)
-    )
+    # cloudpickle's Pickler, keeping the code's file name and the source a worker cannot
+    # read for itself, for its tracebacks (``_source``)
+    file = io.BytesIO()
+    pickler_class()(file, PROTOCOL, buffer_callback=_collector(out_of_band)).dump(obj)
+    return file.getvalue()
 
 
 def _collector(
