@@ -30,6 +30,7 @@ NOT_IMPORTED = {"multitrack.__main__"}
 # them to the end of the run, with the cluster tests (conftest).
 ENGINE_MARKS = {
     f"{mt.__name__}.backends._dask": pytest.mark.dask,
+    f"{mt.__name__}.backends._dask_cluster": pytest.mark.dask,
     f"{mt.__name__}.backends._ray": pytest.mark.ray,
 }
 
@@ -113,3 +114,18 @@ def test_every_public_name_has_an_example() -> None:
         if ">>>" not in doc:
             missing.append(name)
     assert not missing, f"no runnable example (>>>) in the docstring of {missing}"
+
+
+def test_every_module_that_imports_an_engine_is_marked() -> None:
+    # Found by importing each module in a fresh interpreter: an unmarked one would run among
+    # the other tests and change them (distributed makes unpicklable exceptions pickle).
+    import subprocess
+    import sys
+
+    for name in [m if isinstance(m, str) else m.values[0] for m in MODULES]:
+        probe = f"import {name}, sys; print('distributed' in sys.modules or 'ray' in sys.modules)"
+        done = subprocess.run(
+            [sys.executable, "-c", probe], capture_output=True, text=True, check=False
+        )
+        if done.stdout.strip() == "True":
+            assert name in ENGINE_MARKS, f"{name} imports a cluster engine: add it to ENGINE_MARKS"
