@@ -724,3 +724,34 @@ def test_public_names() -> None:
     }
     for cls in (NullProgress, TqdmProgress, LogProgress):
         assert issubclass(cls, Progress)
+
+
+@pytest.mark.parametrize(
+    ("failed", "outcome", "style"),
+    [(0, "done", "closed"), (1, "done", "failed"), (0, "interrupted", "failed")],
+)
+def test_the_widget_ends_in_the_failure_style_when_tasks_failed(
+    monkeypatch: pytest.MonkeyPatch, failed: int, outcome: str, style: str
+) -> None:
+    # tqdm's widget turns green whenever its count reached the total, and failed tasks count.
+    ends: list[str] = []
+
+    class Widget(_tqdm_bar._BarMixin, _std_tqdm):  # type: ignore[misc]
+        def close(self) -> None:
+            ends.append("closed")
+            super().close()
+
+        def close_failed(self) -> None:
+            ends.append("failed")
+            super().close()
+
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    monkeypatch.setattr(_progress, "_in_notebook", lambda: True)
+    monkeypatch.setattr(_tqdm_bar, "_widget_class", lambda: Widget)
+    progress = make_progress(True, total=2, desc="nb")
+    assert isinstance(progress, TqdmProgress) and progress.is_widget
+    progress.advance(2)
+    if failed:
+        progress.add_failed(failed)
+    progress.close(outcome)  # type: ignore[arg-type]
+    assert ends == [style]

@@ -221,7 +221,10 @@ class TqdmProgress(Progress):
             self._bar.set_postfix_str(
                 ", ".join(filter(None, [self.postfix(), word])), refresh=False
             )
-        self._bar.close()
+        if self.failed or outcome != "done":
+            self._bar.close_failed()  # the widget turns red, not green
+        else:
+            self._bar.close()
 
 
 # -- status lines for logs ---------------------------------------------------------------------

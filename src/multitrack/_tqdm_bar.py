@@ -42,6 +42,10 @@ class _BarMixin:
         """Change the total in place (tqdm's ``reset`` would also zero the count)."""
         self.total = total
 
+    def close_failed(self) -> None:
+        """Close a bar whose run had failures (the text bar shows them in its postfix)."""
+        self.close()  # type: ignore[attr-defined]
+
     @property
     def format_dict(self) -> dict[str, Any]:
         """tqdm's display values; a total the count has overrun is shown as unknown."""
@@ -94,6 +98,12 @@ def _widget_class() -> type[Any] | None:
         return None
 
     class _WidgetBar(_BarMixin, notebook.tqdm_notebook):  # type: ignore[misc]
+        def close_failed(self) -> None:
+            """Close, in the failure style (red): tqdm's own choice is green whenever the
+            count reached the total, and failed tasks count towards it."""
+            self.close()
+            self.disp(bar_style="danger", check_delay=False)
+
         def set_total(self, total: int | None) -> None:
             super().set_total(total)
             if total is not None and hasattr(self, "container"):
