@@ -11,24 +11,18 @@ length (which may be unknown) or a constant:
   batch behind each other;
 * then aim for ``TARGET_SECONDS`` of work per chunk: the fixed cost stays well under 1 %,
   results (and so the bar) still move several times a second, and a crash re-runs at most
-  that much finished work. Each chunk costs the parent about 0.2 ms of CPU, taken from the
-  workers on a machine whose cores they fill: at 0.05 s, 150 tasks of 20 ms made 80 chunks
-  and 33 ms of parent CPU (``Pool.map``: 8 chunks, 15 ms); at 0.1 s, 24 ms, and the
-  skewed benchmark (d) replayed with sleeps went from 1.032 to 1.020 of its ideal time
-  (0.25 s: 17 ms, but 1.037);
+  that much finished work;
 * estimate the time per task as decayed total busy time over decayed total tasks: a chunk
-  of 1,000 tasks weighs 1,000 times a chunk of one. (A running mean of per-chunk samples let
-  the first task, slow with first-call costs, keep chunks of 0.2 µs tasks a hundred times too
-  small for the whole of a 200,000-task run);
+  of 1,000 tasks weighs 1,000 times a chunk of one, so one slow first call cannot keep chunks
+  small for a whole run;
 * near the end of a known-length input, shrink chunks so every worker gets a share of what is
-  left (no worker sits idle while one finishes a big last chunk), but not below
-  ``MIN_TAIL_SECONDS`` of work: on 200,000 trivial tasks the halving went on down to chunks of
-  one task, 40 round trips in the last 15 ms of a 60 ms call, for tails of a few ms that an
-  idle worker can ask to share anyway (``give_back``);
+  left, but not below ``MIN_TAIL_SECONDS`` of work (an idle worker can ask to share a tail
+  anyway: ``give_back``);
 * keep a chunk's arguments under ``MAX_CHUNK_BYTES``, measured as they are sent: each worker
   holds two chunks, so large inputs (8 MB arrays) would otherwise have dozens of arrays in
-  flight, each a copy in shared memory (measured: 45 arrays, 360 MB over the inputs
-  themselves, on 64 arrays of 8 MB).
+  flight, each a copy in shared memory.
+
+The measurements behind each constant: docs/performance.md.
 """
 
 from __future__ import annotations

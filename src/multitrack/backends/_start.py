@@ -15,10 +15,8 @@ that reason. So we fork only on Linux, and only when the process has exactly one
 no other thread, no lock can be held by one. Anything else gets a fresh interpreter, and so
 does every worker when ``MULTITRACK_START_METHOD=spawn`` is set.
 
-Profiling said why this matters: a fresh interpreter costs 75-85 ms to start on the test
-machine (``python -c pass``; ``site`` alone is half of it), and the function's imports come on
-top; a fork costs about a millisecond. A one-shot ``mt.map`` of short tasks pays it once per
-worker, which was most of the gap to fork-based pools.
+A fork costs about a millisecond; a fresh interpreter tens of milliseconds plus the
+function's imports, once per worker (docs/performance.md).
 
 **The same worker either way.** A forked child starts where a fresh interpreter would: its own
 session (a terminal's Ctrl-C reaches only the caller), the caller's signal handlers reset,
