@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import gc
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -401,6 +402,9 @@ def test_ctrl_c_stops_the_run_within_a_second(tmp_path: Path, target: str) -> No
     assert "caller saw KeyboardInterrupt" in out, err
     assert took < CTRL_C_WITHIN, f"Ctrl-C took {took:.2f} s"
     assert not survivors, f"workers {survivors} survived Ctrl-C"
+    # the interrupt's traceback ends at the caller's line, not in the scheduler's frames
+    assert "KeyboardInterrupt" in err
+    assert not {"_run.py", "_watch.py", "_process.py"} & set(re.findall(r"\w+\.py", err)), err
 
 
 # Seconds from Ctrl-C to the script's exit, its workers killed and reaped and its interpreter

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import atexit
 import builtins
+import functools
 import operator
 import weakref
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict, TypeVar
 
 from multitrack import backends
 from multitrack._chunks import ChunkSizer
@@ -30,6 +31,24 @@ __all__ = ["Pool", "imap", "map", "run_calls", "starmap"]
 # In ordered ``imap``, how far intake may run ahead of the oldest result not yet released
 # (bounded memory when one early task is slow). ``map`` keeps every result anyway.
 MAX_AHEAD = 10_000
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _short_interrupts(fn: _F) -> _F:
+    """A Ctrl-C during the call shows the caller's line, not the scheduler's frames below
+    it: the traceback is cut at this boundary (the interrupt is the user's own)."""
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        __tracebackhide__ = True  # pytest's convention
+        try:
+            return fn(*args, **kwargs)
+        except KeyboardInterrupt as interrupt:
+            raise interrupt.with_traceback(None) from None
+
+    return call  # type: ignore[return-value]
 
 
 class CallOptions(TypedDict, total=False):
@@ -62,6 +81,7 @@ class MapOptions(PoolOptions, total=False):
     workers: int | None
 
 
+@_short_interrupts
 def map(
     fn: Callable[..., Any], *iterables: Iterable[Any], **options: Unpack[MapOptions]
 ) -> list[Any]:
@@ -104,6 +124,7 @@ def map(
     return _collect(call.start(max_ahead=None))
 
 
+@_short_interrupts
 def imap(
     fn: Callable[..., Any], *iterables: Iterable[Any], **options: Unpack[MapOptions]
 ) -> Iterator[Any]:
@@ -124,6 +145,7 @@ def imap(
     return iter(call.start(max_ahead=MAX_AHEAD))
 
 
+@_short_interrupts
 def starmap(
     fn: Callable[..., Any], iterable: Iterable[Iterable[Any]], **options: Unpack[MapOptions]
 ) -> list[Any]:
@@ -193,18 +215,21 @@ class Pool:
         """The pool size."""
         return self._options.workers
 
+    @_short_interrupts
     def map(
         self, fn: Callable[..., Any], *iterables: Iterable[Any], **options: Unpack[CallOptions]
     ) -> list[Any]:
         """``multitrack.map`` on this pool's workers."""
         return _collect(self._start("map", fn, iterables, options, star=False, max_ahead=None))
 
+    @_short_interrupts
     def imap(
         self, fn: Callable[..., Any], *iterables: Iterable[Any], **options: Unpack[CallOptions]
     ) -> Iterator[Any]:
         """``multitrack.imap`` on this pool's workers."""
         return iter(self._start("imap", fn, iterables, options, star=False, max_ahead=MAX_AHEAD))
 
+    @_short_interrupts
     def starmap(
         self,
         fn: Callable[..., Any],

@@ -110,6 +110,8 @@ class Run:
         try:
             for batch in batches:
                 yield from batch
+        except KeyboardInterrupt as interrupt:  # the user's own: show their line, not ours
+            raise interrupt.with_traceback(None) from None
         finally:
             batches.close()  # an imap closed half-way stops its workers now, not at GC
 
