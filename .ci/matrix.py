@@ -193,7 +193,11 @@ def summary(outcomes: list[Outcome], skipped: list[str], total: float) -> bool:
     if skipped:
         print(f"not on this machine, not tested: Python {', '.join(skipped)}")
     failed = [o.version for o in outcomes if o.problems]
-    print(f"total {total:.0f} s; " + (f"FAILED on {', '.join(failed)}" if failed else "all passed"))
+    print(f"{'FAILED on ' + ', '.join(failed) if failed else 'all passed'} in {total:.0f} s")
+    counts = [o.counts for o in outcomes if o.counts]
+    passed = sum(c["passed"] for c in counts)
+    broken = sum(c["failures"] + c["errors"] for c in counts)
+    print(f"total: {passed} passed, {broken} failed, {sum(c['skipped'] for c in counts)} skipped")
     return not failed
 
 
