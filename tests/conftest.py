@@ -5,10 +5,13 @@ call" is a promise, so every test checks it (after loky's test suite)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 
 import psutil
@@ -64,6 +67,36 @@ def no_leftovers() -> Iterator[None]:
             pass
     assert not children, f"child processes left behind: {[c.pid for c in children]}"
     assert not threads, f"threads left behind: {[t.name for t in threads]}"
+
+
+# Python 3.12+ warns when a process with threads forks ("This process (pid=...) is
+# multi-threaded, use of fork() may lead to deadlocks in the child"), but os.fork clears that
+# warning instead of raising it, so pyproject's `filterwarnings = ["error"]` would silence it.
+# Here it is recorded instead, and fails the test that forked.
+FORK_WARNING = re.compile(r"This process \(pid=\d+\) is multi-threaded")
+
+
+@contextlib.contextmanager
+def fork_warnings_fail() -> Iterator[None]:
+    """Fail if a fork-with-threads warning is emitted inside; other warnings pass through."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.filterwarnings("always", message=FORK_WARNING.pattern, category=DeprecationWarning)
+        yield
+    forks = [w for w in caught if FORK_WARNING.match(str(w.message))]
+    for other in (w for w in caught if w not in forks):  # to pytest's own filters, as before
+        warnings.warn_explicit(other.message, other.category, other.filename, other.lineno)
+    if forks:
+        pytest.fail(
+            "fork() with other threads alive (an error here): "
+            + "; ".join(f"{w.filename}:{w.lineno}: {w.message}" for w in forks),
+            pytrace=False,
+        )
+
+
+@pytest.fixture(autouse=True)
+def no_fork_with_threads() -> Iterator[None]:
+    with fork_warnings_fail():
+        yield
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
