@@ -24,7 +24,7 @@ os.environ.setdefault("MULTITRACK_PROGRESS", "0")
 # untested. One BLAS thread, as each worker gets on this 2-core machine anyway.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-from multitrack.backends import _start
+from multitrack.backends import _platform, _start
 
 LEAK_GRACE = 3.0  # seconds a child or thread may take to go away after a call returned
 
@@ -119,6 +119,8 @@ def each_start_method(request: pytest.FixtureRequest, monkeypatch: pytest.Monkey
     """Run a test once with forked workers and once with fresh interpreters (the variable
     reaches the scripts a test starts, too)."""
     method: str = request.param
+    if method == "fork" and not _platform.CAN_FORK:
+        pytest.skip(f"fork is not used here ({_platform.WITHOUT_ENV} or not Linux)")
     if method == "spawn":
         monkeypatch.setenv(_start.START_METHOD_ENV, "spawn")
     else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import os
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -13,13 +14,18 @@ import pytest
 
 import faults
 import multitrack as mt
-from multitrack.backends import _start
+from multitrack.backends import _platform, _start
 from scripts import run_script
+
+needs_fork = pytest.mark.skipif(
+    not _platform.CAN_FORK, reason="fork is not used here (MULTITRACK_WITHOUT or not Linux)"
+)
 
 # A module no worker imports on its own: a worker has it only when it inherited the caller's.
 MARKER = "colorsys"
 
 
+@needs_fork
 def test_workers_fork_when_the_caller_has_a_single_thread() -> None:
     __import__(MARKER)
     assert _start.start_method() == "fork"
@@ -74,6 +80,7 @@ def test_native_thread_caps_reach_the_workers(monkeypatch: pytest.MonkeyPatch) -
     assert got == [per_worker, "3"]
 
 
+@needs_fork
 def test_forked_workers_do_not_share_numpy_random_state() -> None:
     np = pytest.importorskip("numpy")
     np.random.random()  # the caller's global generator exists before the workers start
@@ -87,6 +94,7 @@ def test_forked_workers_do_not_share_numpy_random_state() -> None:
     assert float(np.random.random()) not in first | second  # nor the caller's next ones
 
 
+@needs_fork
 def test_the_callers_signal_handlers_stay_in_the_caller() -> None:
     # A forked worker starts with the caller's Python handlers; a SIGTERM must kill it as it
     # kills a fresh interpreter, not run the caller's handler there.
@@ -103,6 +111,7 @@ def test_the_callers_signal_handlers_stay_in_the_caller() -> None:
     assert not ran
 
 
+@needs_fork
 def test_output_buffered_before_the_fork_is_printed_once(tmp_path: Path) -> None:
     # Without a flush before fork(), a worker's first print would carry the caller's
     # unflushed text along, and it would appear twice.
@@ -124,6 +133,7 @@ def test_output_buffered_before_the_fork_is_printed_once(tmp_path: Path) -> None
     assert stdout.count("worker 1") == stdout.count("worker 2") == 1, stdout
 
 
+@needs_fork
 def test_a_forked_worker_never_finalizes_the_callers_garbage(tmp_path: Path) -> None:
     # Garbage the caller had not collected yet is copied into a forked worker; collecting it
     # there would run its finalizer a second time, in the wrong process.
@@ -210,3 +220,25 @@ def test_a_package_that_shadows_the_standard_library_does_not_kill_fresh_workers
         tmp_path, f"import os\nos.environ['{_start.START_METHOD_ENV}'] = 'spawn'\n" + source
     )
     assert out.strip() == "[1, 2]"
+
+
+def test_an_unsupported_platform_is_refused_with_the_alternatives(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_platform.os, "name", "nt")
+    with pytest.raises(RuntimeError, match=r"POSIX.*backend='thread'.*WSL"):
+        mt.map(abs, [-1])
+    assert mt.map(abs, [-1], backend="thread") == [1]
+
+
+def test_features_switched_off_by_name_and_unknown_ones_refused(tmp_path: Path) -> None:
+    probe = (
+        "from multitrack.backends import _platform as p; "
+        "print(p.HAS_PIDFD, p.HAS_MEMFD, p.CAN_FORK)"
+    )
+    env = {**os.environ, _platform.WITHOUT_ENV: "pidfd, fork"}
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
+    assert done.stdout.split()[0::2] == ["False", "False"]
+    env[_platform.WITHOUT_ENV] = "pidfd,epoll"
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
+    assert done.returncode != 0 and "unknown feature(s) epoll" in done.stderr

@@ -32,12 +32,13 @@ import socket
 import struct
 from collections.abc import Sequence
 
+from multitrack.backends._platform import SHARED_MEMORY
+
 _HEADER = struct.Struct("!QI")
 _SIZE = struct.Struct("!Q")
 _ALIGN = 64  # numpy likes aligned data
 # Smaller buffers are cheaper to copy through the socket than to map.
 OUT_OF_BAND_MIN = 256 * 1024
-SHARED_MEMORY = hasattr(os, "memfd_create") and hasattr(socket, "send_fds")
 
 
 class Channel:

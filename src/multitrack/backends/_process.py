@@ -67,6 +67,7 @@ from multitrack.backends import _protocol as P
 from multitrack.backends import _wire
 from multitrack.backends._base import Chunk, Completed, Event, Output, Running, print_through
 from multitrack.backends._channel import Channel
+from multitrack.backends._platform import HAS_MEMFD, HAS_PIDFD, require_posix
 from multitrack.backends._pooled import PooledBackend
 from multitrack.backends._proc import Message, State, WorkerHandle
 from multitrack.backends._start import (
@@ -87,7 +88,6 @@ EXIT_GRACE = 2.0
 # 208 KiB by default): a chunk that fits goes out in one call, with no wake-up to finish it.
 SEND_BUFFER = 1 << 20
 
-HAS_PIDFD = hasattr(os, "pidfd_open")
 # Every backend with workers, for a forked child to close their parent-side ends.
 _live_backends: weakref.WeakSet[ProcessBackend] = weakref.WeakSet()
 
@@ -98,6 +98,7 @@ class ProcessBackend(PooledBackend):
     can_kill = True
 
     def __init__(self, workers: int, **options: Any) -> None:
+        require_posix()
         super().__init__(workers, **options)  # initializer, initargs, max_tasks_per_worker
         self._procs: dict[int, WorkerHandle] = {}
         self._watch: Watch[WorkerHandle] = Watch()
@@ -423,7 +424,7 @@ def _pidfd(pid: int) -> int | None:
 
 def _slot_file() -> IO[bytes]:
     """An anonymous file for a worker's slot: nothing to clean up in ``/dev/shm``, ever."""
-    if hasattr(os, "memfd_create"):
+    if HAS_MEMFD:
         return open(os.memfd_create("multitrack-slot", os.MFD_CLOEXEC), "w+b", buffering=0)
     import tempfile  # 10 ms of imports where memfd exists (Linux) is spared
 

@@ -40,6 +40,8 @@ import time
 from collections.abc import Sequence
 from typing import IO, Protocol
 
+from multitrack.backends._platform import CAN_FORK
+
 # Set to "spawn" to always start workers as fresh interpreters; "auto" (the default) forks
 # when the process has a single thread.
 START_METHOD_ENV = "MULTITRACK_START_METHOD"
@@ -82,7 +84,7 @@ def start_method() -> str:
         raise ValueError(
             f"{START_METHOD_ENV}={wanted!r} is not a start method: use one of {_START_METHODS}"
         )
-    if wanted == "auto" and sys.platform == "linux" and os_threads() == 1:
+    if wanted == "auto" and CAN_FORK and os_threads() == 1:
         return "fork"
     return "spawn"
 
