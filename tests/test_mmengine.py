@@ -187,6 +187,34 @@ def test_bar_line_matches_mmengine(
     assert format_bar(completed, total, elapsed, 50, columns) == out.getvalue().lstrip("\r")
 
 
+def test_the_drop_ins_bar_width_follows_columns_as_mmengines_does(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # mmengine reads COLUMNS first (shutil.get_terminal_size), then the terminal's size: on a
+    # 200-column terminal with COLUMNS=70 its lines fit 70 columns, and so must ours.
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    leader, follower = pty.openpty()
+    try:
+        fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))
+
+        class Terminal(FakeTTY):
+            def fileno(self) -> int:
+                return follower
+
+        monkeypatch.setenv("COLUMNS", "70")
+        out = Terminal()
+        mt.track_parallel_progress(abs, [-1, -2, -3], nproc=2, file=out)
+    finally:
+        os.close(leader)
+        os.close(follower)
+    lines = [line for line in out.getvalue().replace("\r", "\n").splitlines() if "[" in line]
+    assert lines and all(len(line) <= 70 for line in lines), lines
+
+
 def test_start_line_matches_mmengine() -> None:
     from mmengine.utils import ProgressBar as MMProgressBar
 

@@ -66,7 +66,6 @@ way (chunking never changes them in ``Pool`` either).
 from __future__ import annotations
 
 import operator
-import os
 import shutil
 import sys
 import time
@@ -515,7 +514,7 @@ class TrackBar(Progress):
         now = self._clock()
         count = self._shown() if shown is None else shown
         total = None if self.total is None else self.total - self._skip
-        columns = _columns(self._file) if self._tty else None
+        columns = _columns() if self._tty else None
         line = format_bar(count, total, now - self._started_at, self._bar_width, columns)
         if self._tty:
             # '\r' only after a line of ours, and pad over a longer previous one.
@@ -536,8 +535,7 @@ def _isatty(file: Writable | None) -> bool:
         return False
 
 
-def _columns(file: Writable) -> int:
-    try:
-        return os.get_terminal_size(file.fileno()).columns  # type: ignore[attr-defined]
-    except Exception:  # no real descriptor (a wrapped or fake stream): mmengine's source
-        return shutil.get_terminal_size().columns
+def _columns() -> int:
+    """The width mmengine reads: ``COLUMNS`` when set, else the terminal's (as
+    ``shutil.get_terminal_size`` finds it), else 80."""
+    return shutil.get_terminal_size().columns
