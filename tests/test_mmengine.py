@@ -437,3 +437,14 @@ def test_environment_switches_the_bar_off(monkeypatch: pytest.MonkeyPatch) -> No
     out = io.StringIO()
     assert mt.track_progress(square, [1, 2], file=out) == [1, 4]
     assert out.getvalue() == ""
+
+
+def test_numpy_integers_are_accepted_as_mmengine_accepts_them() -> None:
+    np = pytest.importorskip("numpy")
+    out = io.StringIO()
+    results = mt.track_parallel_progress(
+        square, [1, 2, 3], np.int64(2), chunksize=np.int64(2), bar_width=np.int32(20), file=out
+    )
+    assert results == [1, 4, 9]
+    with pytest.raises(TypeError, match="chunksize"):
+        mt.track_parallel_progress(square, [1], 2, chunksize=2.0, file=out)

@@ -74,7 +74,7 @@ from typing import Any, Literal, Protocol
 
 from multitrack._api import run_calls
 from multitrack._errors import MultitrackError, RemoteError, TaskError
-from multitrack._options import usable_cpus
+from multitrack._options import integer, usable_cpus
 from multitrack._progress import Outcome, Progress, _disabled_by_env, _log_interval
 
 __all__ = ["track_iter_progress", "track_parallel_progress", "track_progress"]
@@ -130,7 +130,7 @@ def track_parallel_progress(
         raise TypeError(f"func must be callable, got {type(func).__name__} {func!r:.80}")
     iterable, total = _split_tasks(tasks)
     workers = _check_nproc(nproc)
-    _check_chunksize(chunksize)
+    chunksize = _check_chunksize(chunksize)
     options = {
         "workers": workers,
         "ordered": bool(keep_order),
@@ -240,21 +240,15 @@ def _is_counted_pair(tasks: Any) -> bool:
 
 
 def _check_nproc(nproc: Any) -> int:
-    """``nproc`` as ``Pool(nproc)`` takes it: a positive int, or ``None`` for every CPU."""
+    """``nproc`` as ``Pool(nproc)`` takes it: a positive integer (numpy's too, as
+    ``operator.index`` accepts it), or ``None`` for every CPU."""
     if nproc is None:
         return usable_cpus()
-    if isinstance(nproc, bool) or not isinstance(nproc, int):
-        raise TypeError(f"nproc must be an int, got {type(nproc).__name__} {nproc!r}")
-    if nproc < 1:
-        raise ValueError(f"nproc must be at least 1, got {nproc}")
-    return nproc
+    return integer("nproc", nproc)
 
 
-def _check_chunksize(chunksize: Any) -> None:
-    if isinstance(chunksize, bool) or not isinstance(chunksize, int):
-        raise TypeError(f"chunksize must be an int, got {type(chunksize).__name__}")
-    if chunksize < 1:
-        raise ValueError(f"chunksize must be at least 1, got {chunksize}")
+def _check_chunksize(chunksize: Any) -> int:
+    return integer("chunksize", chunksize)
 
 
 def _init_options(initializer: Any, initargs: Any) -> dict[str, Any]:
