@@ -23,9 +23,9 @@ from multitrack.backends._base import (
     Backend,
     Chunk,
     Event,
+    GivenBack,
     Lost,
     Output,
-    Returned,
     Running,
     completed_from_outcomes,
 )
@@ -325,7 +325,7 @@ class HandingBackBackend(FakeBackend):
                 half = len(chunk.indices) // 2
                 queue[1] = Chunk(chunk.id, chunk.indices[:half], chunk.args[:half])
                 self.handed = list(chunk.indices[half:])
-                self.events.append(Returned(chunk.id, half))
+                self.events.append(GivenBack(chunk.id, half))
                 return
 
 

@@ -6,7 +6,7 @@ stored for release (``_order``). While unsettled it is in exactly one of three p
 
     pulled ──▶ in flight (a chunk sent to a worker, position not reported yet)
                   │  Completed ──▶ settled (or failed: retry heap / settled as TaskError)
-                  │  Returned  ──▶ handed back ──▶ in flight again (whole slices)
+                  │  GivenBack  ──▶ given back ──▶ in flight again (whole slices)
                   │  Lost      ──▶ blamed (failed) / retry heap (bystanders, suspects)
                retry heap (not before t) ──▶ in flight again
 
@@ -25,7 +25,7 @@ import heapq
 from collections.abc import Sequence
 from typing import Any
 
-from multitrack.backends._base import Chunk, Completed, Lost, Returned
+from multitrack.backends._base import Chunk, Completed, GivenBack, Lost
 
 # A task requeued this many times because the worker holding it died *between* tasks is
 # treated as the cause (a death while unpickling its arguments looks exactly like that).
@@ -62,9 +62,9 @@ class Ledger:
 
     def __init__(self) -> None:
         self._flights: dict[int, _InFlight] = {}  # chunk id -> chunk in flight
-        # Runs of tasks a worker handed back unstarted, as (indices, arguments) slices of
+        # Runs of tasks a worker given back unstarted, as (indices, arguments) slices of
         # their chunk: they go out again first, whole slices at a time.
-        self._handed_back: collections.deque[tuple[Sequence[int], list[Any]]] = collections.deque()
+        self._given_back: collections.deque[tuple[Sequence[int], list[Any]]] = collections.deque()
         # Heap of (not before, index, arguments); an index is in it at most once, so the
         # arguments are never compared.
         self._requeued: list[tuple[float, int, Any]] = []
@@ -79,11 +79,11 @@ class Ledger:
         return bool(self._flights)
 
     def queued(self) -> bool:
-        """Whether tasks wait to be sent again (handed back, or to be retried)."""
-        return bool(self._handed_back or self._requeued)
+        """Whether tasks wait to be sent again (given back, or to be retried)."""
+        return bool(self._given_back or self._requeued)
 
     def queued_count(self) -> int:
-        return len(self._requeued) + sum(len(indices) for indices, _ in self._handed_back)
+        return len(self._requeued) + sum(len(indices) for indices, _ in self._given_back)
 
     def next_retry_at(self) -> float | None:
         return self._requeued[0][0] if self._requeued else None
@@ -99,7 +99,7 @@ class Ledger:
             for flight in self._flights.values()
             for position in flight.unfinished()
         ]
-        places += [index for indices, _ in self._handed_back for index in indices]
+        places += [index for indices, _ in self._given_back for index in indices]
         places += [index for _, index, _ in self._requeued]
         return places
 
@@ -112,13 +112,13 @@ class Ledger:
         self._flights[chunk.id] = _InFlight(chunk)
         return chunk
 
-    def take_handed_back(self, size: int) -> tuple[Sequence[int], list[Any]] | None:
-        """Up to ``size`` tasks of the first handed-back run, as (indices, arguments)."""
-        if not self._handed_back:
+    def take_given_back(self, size: int) -> tuple[Sequence[int], list[Any]] | None:
+        """Up to ``size`` tasks of the first given-back run, as (indices, arguments)."""
+        if not self._given_back:
             return None
-        indices, args = self._handed_back.popleft()
+        indices, args = self._given_back.popleft()
         if len(indices) > size:
-            self._handed_back.appendleft((indices[size:], args[size:]))
+            self._given_back.appendleft((indices[size:], args[size:]))
             indices, args = indices[:size], args[:size]
         return indices, args
 
@@ -183,20 +183,20 @@ class Ledger:
             del self._flights[event.chunk_id]
         return applied
 
-    def returned(self, event: Returned) -> None:
-        """A worker handed back the tasks of a chunk from ``event.first`` on."""
+    def given_back(self, event: GivenBack) -> None:
+        """A worker given back the tasks of a chunk from ``event.first`` on."""
         flight = self._flights.get(event.chunk_id)
         if flight is None:
             return
         chunk = flight.chunk
         first, end = event.first, len(chunk.indices)
         if first < end and flight.take(first, end - first):
-            self._handed_back.append((chunk.indices[first:end], chunk.args[first:end]))
+            self._given_back.append((chunk.indices[first:end], chunk.args[first:end]))
         else:  # some of them were reported already (backends rule this out): one by one
             for position in range(first, end):
                 if flight.take(position, 1):
                     one = slice(position, position + 1)
-                    self._handed_back.append((chunk.indices[one], chunk.args[one]))
+                    self._given_back.append((chunk.indices[one], chunk.args[one]))
         if not flight.left:
             del self._flights[event.chunk_id]
 

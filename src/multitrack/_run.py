@@ -22,7 +22,7 @@ Bounds that keep the promises:
   half-way), ``finally`` stops the workers still running its tasks.
 
 Who owns what: ``Run`` owns the loop and the failure policy; ``_ledger.Ledger`` owns where
-every unsettled task is (in flight, handed back, in the retry heap) and the blame kept across
+every unsettled task is (in flight, given back, in the retry heap) and the blame kept across
 attempts; ``_order.Release`` owns settled results until they are released; the progress
 object owns the counts the bar and the summary show. Why nothing here touches single tasks
 on the common path: docs/performance.md.
@@ -43,7 +43,7 @@ from multitrack._errors import TaskError, TaskTimeout, WorkerCrashed, task_label
 from multitrack._ledger import MAX_BYSTANDER_REQUEUES, Ledger
 from multitrack._order import Release
 from multitrack._progress import NullProgress, Progress
-from multitrack.backends._base import Backend, Chunk, Completed, Lost, Returned
+from multitrack.backends._base import Backend, Chunk, Completed, GivenBack, Lost
 
 __all__ = ["MAX_BYSTANDER_REQUEUES", "Policy", "Run"]
 
@@ -145,7 +145,7 @@ class Run:
         finally:
             self._shutdown(outcome)
 
-    def _dispatch(self, events: Sequence[Completed | Lost | Returned]) -> None:
+    def _dispatch(self, events: Sequence[Completed | Lost | GivenBack]) -> None:
         for event in events:
             if isinstance(event, Completed):
                 for chunk, applied in self.ledger.completed(event):
@@ -154,7 +154,7 @@ class Run:
                 for index, args in self.ledger.lost(event):
                     self._fail(index, self._death_error(index, args, event), args)
             else:
-                self.ledger.returned(event)
+                self.ledger.given_back(event)
 
     def _shutdown(self, outcome: Literal["done", "error", "interrupted"]) -> None:
         self.over = True
@@ -225,9 +225,9 @@ class Run:
         room = self.backend.room()
         if room is not None:
             size = min(size, room)
-        handed_back = ledger.take_handed_back(size)
-        if handed_back is not None:
-            return ledger.new_chunk(*handed_back)
+        given_back = ledger.take_given_back(size)
+        if given_back is not None:
+            return ledger.new_chunk(*given_back)
         again = ledger.take_requeued(size, self.clock())
         fresh = self._pull(size - len(again))
         if not again and not fresh:

@@ -99,15 +99,15 @@ class Lost:
 
 
 @dataclass(slots=True)
-class Returned:
-    """A worker handed back the tasks of a chunk it had not started, from position ``first``
+class GivenBack:
+    """A worker given back the tasks of a chunk it had not started, from position ``first``
     on (after ``give_back``); they are to be run again elsewhere, with no attempt used."""
 
     chunk_id: int
     first: int
 
 
-Event = Completed | Lost | Returned
+Event = Completed | Lost | GivenBack
 
 
 @dataclass(slots=True)
@@ -178,7 +178,7 @@ class Backend(ABC):
 
     def give_back(self) -> None:  # noqa: B027 - optional capability
         """Some worker is idle and no work is left to hand out: ask the busiest worker to
-        return the unstarted tasks of its chunk (``Returned`` event), so they can be shared.
+        return the unstarted tasks of its chunk (``GivenBack`` event), so they can be shared.
         Backends that cannot do this ignore it."""
 
     def kill(self, worker: int) -> None:  # noqa: B027 - optional capability

@@ -10,7 +10,7 @@ retired or asked to give work back; the handle does what concerns that one worke
                   ◀──Lost──────────  collect(): the worker is gone; what it held comes back
 
 **One path ends a chunk.** Whatever accounts for a chunk's tasks (results, an error while
-unpickling its arguments, tasks handed back), it goes through ``_account``; what a dead worker
+unpickling its arguments, tasks given back), it goes through ``_account``; what a dead worker
 held is reported whole by ``collect``. (When "a chunk is done" was written in two places, one
 of them forgot to release the messages held back behind it, and a call hung.)
 
@@ -39,7 +39,7 @@ from typing import IO, Any
 from multitrack._errors import WorkerStartError
 from multitrack.backends import _protocol as P
 from multitrack.backends import _wire
-from multitrack.backends._base import Chunk, Completed, Event, Lost, Output, Returned
+from multitrack.backends._base import Chunk, Completed, Event, GivenBack, Lost, Output
 from multitrack.backends._channel import Channel
 from multitrack.backends._start import WorkerProcess, exited_within
 from multitrack.backends._watch import Watch
@@ -92,7 +92,7 @@ class WorkerHandle:
         self.forked = forked
         self.state = State.BOOTING
         self.chunks: dict[int, _Held] = {}
-        self.asked_back: set[int] = set()  # chunks asked back and not yet accounted for
+        self.asked_to_give_back: set[int] = set()  # chunks asked back and not yet accounted for
         self.fn_version = 0  # of the function it has (the pool bumps its own per call)
         self.tasks_done = 0
         self.last_stderr = b""
@@ -151,10 +151,10 @@ class WorkerHandle:
         for message, buffers in messages:
             self.send(message, buffers)
 
-    def ask_back(self, chunk_id: int) -> None:
+    def give_back(self, chunk_id: int) -> None:
         """Ask for the tasks of ``chunk_id`` not started yet (once per chunk)."""
-        if chunk_id not in self.asked_back:
-            self.asked_back.add(chunk_id)
+        if chunk_id not in self.asked_to_give_back:
+            self.asked_to_give_back.add(chunk_id)
             self.send((P.GIVE_BACK, chunk_id))
 
     def retire(self) -> None:
@@ -186,8 +186,8 @@ class WorkerHandle:
         tag = message[0]
         if tag == P.DONE:
             self._on_done(events, *message[1:])
-        elif tag == P.UNSTARTED:
-            self._on_unstarted(events, message[1], message[2])
+        elif tag == P.GIVEN_BACK:
+            self._on_given_back(events, message[1], message[2])
         elif tag == P.CHUNK_ERROR:
             self._on_chunk_error(events, message[1], message[2], message[3])
         elif tag == P.BOOTED:
@@ -222,11 +222,11 @@ class WorkerHandle:
         events.append(Completed(chunk_id, first, values, raised, busy))
         self._account(chunk_id, len(values))
 
-    def _on_unstarted(self, events: list[Event], chunk_id: int, position: int) -> None:
+    def _on_given_back(self, events: list[Event], chunk_id: int, position: int) -> None:
         held = self.chunks.get(chunk_id)
         if held is None or position >= len(held.chunk.indices):
             return
-        events.append(Returned(chunk_id, position))
+        events.append(GivenBack(chunk_id, position))
         self._account(chunk_id, len(held.chunk.indices) - position)
 
     def _on_chunk_error(self, events: list[Event], chunk_id: int, first: int, packed: Any) -> None:
@@ -241,7 +241,7 @@ class WorkerHandle:
             self._account(chunk_id, 1)
             return
         held.split = True
-        self.asked_back.add(chunk_id)  # one message per task now: never asked back whole
+        self.asked_to_give_back.add(chunk_id)  # one message per task now: never asked back whole
         for position, args in enumerate(chunk.args):
             buffers: list[pickle.PickleBuffer] = []
             payload = _wire.dumps([args], buffers)
@@ -255,7 +255,7 @@ class WorkerHandle:
             del self.chunks[chunk_id]
             # Chunk ids start again at 0 in each call of a reused pool: a stale entry would
             # stop a later chunk with this id from ever being asked back.
-            self.asked_back.discard(chunk_id)
+            self.asked_to_give_back.discard(chunk_id)
 
     def running(self) -> P.SlotReading | None:
         """What it runs now, if that is one of the chunks it holds for this call."""
@@ -328,7 +328,7 @@ class WorkerHandle:
         current = P.read_slot(self.slot)
         self._close()
         held, self.chunks = self.chunks, {}
-        self.asked_back.clear()
+        self.asked_to_give_back.clear()
         code = self.popen.returncode
         if start_error is not None:
             raise start_error
@@ -355,7 +355,7 @@ class WorkerHandle:
     def forget_call(self) -> None:
         """The call is over: what it holds of that call is not wanted any more."""
         self.chunks.clear()
-        self.asked_back.clear()
+        self.asked_to_give_back.clear()
 
     def _close(self) -> None:
         """Close every descriptor, each dropped from the watch first."""

@@ -28,7 +28,7 @@ all descriptors is ``_watch``; how a process comes to life is ``_start``.
   exist, socket EOF plus a poll every half second stands in.
 * **Blame is exact**: each worker writes "chunk c, position p, since t0" into its slot before
   running a task, so a death or a deadline is charged to that one task, and the unfinished
-  rest of its chunks is handed back to the scheduler to run elsewhere.
+  rest of its chunks is given back to the scheduler to run elsewhere.
 * **Kill, never repair**: a worker that crashed, timed out or broke the protocol is killed
   with its whole process group (``start_new_session``) and replaced.
 * **Each worker holds two chunks** (one running, one waiting), so it never idles on a round
@@ -220,7 +220,7 @@ class ProcessBackend(PooledBackend):
         proc = best[1]
         for chunk_id, held in list(proc.chunks.items()):
             if not held.split:
-                proc.ask_back(chunk_id)
+                proc.give_back(chunk_id)
 
     # -- waiting --------------------------------------------------------------------------
 
@@ -339,7 +339,7 @@ def _queued_behind(proc: WorkerHandle) -> int:
     current = P.read_slot(proc.slot)
     count = 0 if current is not None else -1
     for chunk_id, held in proc.chunks.items():
-        if held.split or chunk_id in proc.asked_back:
+        if held.split or chunk_id in proc.asked_to_give_back:
             continue
         started = current[1] + 1 if current is not None and current[0] == chunk_id else 0
         count += len(held.chunk.indices) - started

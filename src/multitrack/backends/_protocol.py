@@ -15,7 +15,7 @@ Parent to worker::
                                        arguments, for positions first, first + 1, ... of the
                                        chunk; timed: the tasks have deadlines, so each one
                                        records its own start time in the slot
-    (GIVE_BACK, chunk_id)              hand back the tasks of that chunk not started yet
+    (GIVE_BACK, chunk_id)              give back the tasks of that chunk not started yet
     (STOP,)
 
 Worker to parent::
@@ -26,7 +26,7 @@ Worker to parent::
     (DONE, chunk_id, first, values, errors, busy_seconds)   results of positions first...;
                                        errors maps an offset in values to a packed exception
     (CHUNK_ERROR, chunk_id, first, packed)   the arguments could not be unpickled
-    (UNSTARTED, chunk_id, position)    the tasks from position on were handed back, not run
+    (GIVEN_BACK, chunk_id, position)    the tasks from position on were given back, not run
 
 The slot is 32 bytes of shared memory (an mmap of an anonymous file) in which the worker
 records what it runs, so that the parent can charge a death or a deadline to one task
@@ -63,7 +63,7 @@ START_ERROR = "start_error"
 FN_ERROR = "fn_error"
 DONE = "done"
 CHUNK_ERROR = "chunk_error"
-UNSTARTED = "unstarted"
+GIVEN_BACK = "given_back"
 
 SLOT_FORMAT = "qqdq"
 SLOT_SIZE = struct.calcsize(SLOT_FORMAT)

@@ -76,7 +76,7 @@ def _read(worker: Worker) -> None:
             data, buffers = conn.recv_bytes()
             message = _wire.loads(data)
             if message[0] == P.GIVE_BACK:
-                worker.hand_back(message[1])
+                worker.give_back(message[1])
                 continue
             if message[0] == P.CHUNK:
                 with worker.claim:
@@ -104,7 +104,7 @@ class Worker:
         # Which chunk runs, and the iterator its tasks are taken from. The main thread takes
         # each task with next() on that iterator and the reader thread takes the rest with
         # list() when asked to give them back: each is one C call under the GIL, so a task
-        # is either run here or handed back, never both, never neither, with no lock per task
+        # is either run here or given back, never both, never neither, with no lock per task
         # (a lock per task cost more than a trivial task). A free-threaded build would need
         # one. ``claim`` guards the switch from one chunk to the next.
         self.claim = threading.Lock()
@@ -112,7 +112,7 @@ class Worker:
         self.tasks: Iterator[Any] = iter(())
         self.chunk_end = 0  # position after the running chunk's last task
         self.queued: set[int] = set()  # chunks waiting in the inbox
-        self.skipped: set[int] = set()  # waiting chunks handed back whole
+        self.skipped: set[int] = set()  # waiting chunks given back whole
         # The running chunk's results: the main thread appends one per task, with no lock
         # (list.append is one C call under the GIL); a ticker thread reports what is done
         # every FLUSH_EVERY seconds, even while a long task runs, so the bar moves and a
@@ -125,22 +125,22 @@ class Worker:
         with self.sending:
             self.conn.send_bytes(data, buffers or ())
 
-    def hand_back(self, chunk_id: int) -> None:
+    def give_back(self, chunk_id: int) -> None:
         """Reader thread: take the tasks of the chunk that have not started, and tell the
         parent from which position on it will not run them."""
         with self.claim:
             if self.running == chunk_id:
                 rest = list(self.tasks)  # atomic against the main thread's next()
                 if not rest:
-                    return  # its last task is running: nothing to hand back
+                    return  # its last task is running: nothing to give back
                 first_unstarted = self.chunk_end - len(rest)
             elif chunk_id in self.queued:  # not started: all of it
                 self.queued.discard(chunk_id)
                 self.skipped.add(chunk_id)
                 first_unstarted = 0
             else:
-                return  # it ended already: nothing to hand back
-        self.send((P.UNSTARTED, chunk_id, first_unstarted))
+                return  # it ended already: nothing to give back
+        self.send((P.GIVEN_BACK, chunk_id, first_unstarted))
 
     def tick(self) -> None:
         """Ticker thread: report the running chunk's finished tasks now and then."""
@@ -265,7 +265,7 @@ class Worker:
         except BaseException as exc:
             with self.claim:
                 ours = self._dequeue(chunk_id)
-            if ours:  # not handed back meanwhile
+            if ours:  # not given back meanwhile
                 self.send((P.CHUNK_ERROR, chunk_id, first, _wire.pack_error(exc)))
             return
         tasks = iter(calls)
@@ -302,7 +302,7 @@ class Worker:
         self.slot.start_chunk(IDLE, 0, 0.0)
 
     def _claim(self, chunk_id: int, tasks: Iterator[Any], end: int) -> bool:
-        """Make ``chunk_id`` the running chunk, unless it was handed back while it waited."""
+        """Make ``chunk_id`` the running chunk, unless it was given back while it waited."""
         with self.claim:
             if not self._dequeue(chunk_id):
                 return False
@@ -310,7 +310,7 @@ class Worker:
             return True
 
     def _dequeue(self, chunk_id: int) -> bool:
-        """Take ``chunk_id`` off the waiting chunks; ``False`` when it was handed back whole
+        """Take ``chunk_id`` off the waiting chunks; ``False`` when it was given back whole
         while it waited (caller holds ``claim``)."""
         self.queued.discard(chunk_id)
         if chunk_id in self.skipped:
@@ -343,7 +343,7 @@ def _run_in_blocks(
     """Run ``tasks`` (positions ``first``... up to ``end``) into ``values``, ``BLOCK`` at a
     time through ``map``, marking each block in the slot. ``list.extend`` keeps what a block
     produced before a task raised; the task that raised is the next position, and a new
-    block starts after it. ``tasks`` may be emptied meanwhile by ``hand_back``: a short block."""
+    block starts after it. ``tasks`` may be emptied meanwhile by ``give_back``: a short block."""
     extend, islice = values.extend, itertools.islice
     while True:
         position = first + len(values)
@@ -358,7 +358,7 @@ def _run_in_blocks(
             values.append(None)
             continue
         if first + len(values) < position + span:
-            return  # handed back
+            return  # given back
 
 
 class _Report:
