@@ -320,15 +320,7 @@ class WorkerHandle:
             except WorkerStartError as exc:  # raised once it is cleaned up
                 start_error = exc
         was_starting = self.state in (State.BOOTING, State.INITIALIZING)
-        if not exited_within(self.popen, 1.0):
-            self.kill()  # it closed its socket but lives on: not ours to trust
-            self.popen.wait()
-        for name in ("stdout", "stderr"):
-            self.relay(name, output, final=True)
-        current = P.read_slot(self.slot)
-        self._close()
-        held, self.chunks = self.chunks, {}
-        self.asked_to_give_back.clear()
+        current, held = self._reap(output)
         code = self.popen.returncode
         if start_error is not None:
             raise start_error
@@ -338,19 +330,34 @@ class WorkerHandle:
                 f"(pid {self.pid}){self.stderr_tail()}"
             )
         if report and held:
-            if current is not None and current.chunk_id not in held:
-                current = None  # a chunk of an earlier call
-            events.append(
-                Lost(
-                    worker=self.key,
-                    chunk_ids=list(held),
-                    running=(current.chunk_id, current.position) if current else None,
-                    returncode=code,
-                    pid=self.pid,
-                    killed=killed,
-                    span=current.span if current else 1,
-                )
-            )
+            events.append(self._lost(held, current, killed=killed))
+
+    def _reap(self, output: Output) -> tuple[P.SlotReading | None, list[int]]:
+        """Wait for its exit (kill it if it lingers), relay its last output, close its
+        descriptors. What its slot said it ran, and the chunks it held."""
+        if not exited_within(self.popen, 1.0):
+            self.kill()  # it closed its socket but lives on: not ours to trust
+            self.popen.wait()
+        for name in ("stdout", "stderr"):
+            self.relay(name, output, final=True)
+        current = P.read_slot(self.slot)
+        self._close()
+        held = list(self.chunks)
+        self.forget_call()
+        return current, held
+
+    def _lost(self, held: list[int], current: P.SlotReading | None, *, killed: bool) -> Lost:
+        if current is not None and current.chunk_id not in held:
+            current = None  # a chunk of an earlier call
+        return Lost(
+            worker=self.key,
+            chunk_ids=held,
+            running=(current.chunk_id, current.position) if current else None,
+            returncode=self.popen.returncode,
+            pid=self.pid,
+            killed=killed,
+            span=current.span if current else 1,
+        )
 
     def forget_call(self) -> None:
         """The call is over: what it holds of that call is not wanted any more."""
