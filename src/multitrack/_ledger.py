@@ -152,6 +152,20 @@ class Ledger:
         self._bystander.pop(index, None)
         self._isolated.discard(index)
 
+    def ran_without_dying(self, indices: Sequence[int]) -> None:
+        """Tasks ``indices`` finished (a value or an exception) and their worker lived: none
+        of them caused an earlier death they were suspected of (nothing to do, and nothing
+        done per task, unless a worker died in this call)."""
+        if self._bystander or self._isolated:
+            for index in indices:
+                self._bystander.pop(index, None)
+                self._isolated.discard(index)
+
+    def isolate(self, index: int) -> None:
+        """Task ``index`` killed its worker: if it runs again, it runs alone, so that a
+        second death is charged to it and to nobody else."""
+        self._isolated.add(index)
+
     def settled_span(self, indices: Sequence[int]) -> None:
         """Tasks ``indices`` succeeded: forget what blame kept about them (nothing to do,
         and nothing done per task, unless something failed or died in this call)."""

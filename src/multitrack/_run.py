@@ -152,6 +152,7 @@ class Run:
                     self._on_completed(chunk, applied)
             elif isinstance(event, Lost):
                 for index, args in self.ledger.lost(event):
+                    self.ledger.isolate(index)
                     self._fail(index, self._death_error(index, args, event), args)
             else:
                 self.ledger.given_back(event)
@@ -265,6 +266,7 @@ class Run:
     def _on_completed(self, chunk: Chunk, event: Completed) -> None:
         first, values, errors = event.first, event.values, event.errors
         self.sizer.observe(len(values), event.busy_seconds)
+        self.ledger.ran_without_dying(chunk.indices[first : first + len(values)])
         if errors:
             self._store_around(chunk, first, values, errors)
         else:
