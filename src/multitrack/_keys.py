@@ -322,8 +322,7 @@ def _identify(fn: Any, hasher: Any, depth: int) -> str:
         hasher.update(b"<deep>")
         return _name_of(fn)
     if isinstance(fn, Spread):
-        hasher.update(b"spread:")
-        return _identify(fn.fn, hasher, depth + 1)
+        return _identify(fn.fn, hasher, depth + 1)  # map(f, a, b) is starmap(f, zip(a, b))
     if isinstance(fn, functools.partial):
         hasher.update(b"partial:")
         hasher.update(_value_digest(fn.args))
