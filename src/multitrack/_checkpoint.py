@@ -153,7 +153,8 @@ class Journal:
         ``on_change`` says what to do when the journal was written for another version of the
         function: ``"keep"`` its results and forget its failures (they run again),
         ``"restart"`` from nothing, or ``"refuse"`` (``CheckpointError``). Either way,
-        ``function_changed`` and ``change_message`` tell.
+        ``function_changed`` and ``change_message`` tell. Rows are committed by
+        ``commit_due`` every ``interval`` seconds, or as soon as ``max_pending`` rows wait.
 
         Raises ``CheckpointError`` when the journal is in use by another run, damaged, written
         by a newer multitrack, not a journal, not owned by you or writable by others, or in a
@@ -268,7 +269,8 @@ class Journal:
 
     def lookup(self, key: bytes, occurrence: int = 0) -> Stored | None:
         """The stored outcome of the task with this key and occurrence number, or ``None``
-        (never stored, or its result file is missing or damaged: it runs again)."""
+        (never stored, or its result file is missing or damaged: it runs again). Only what
+        earlier runs stored is looked up: a journal empty when opened costs no query."""
         if not (self.stored_ok or self.stored_failed):
             return None  # a new journal: no query per task
         try:
