@@ -78,7 +78,7 @@ _COLUMNS = (
 _INSERT = f"INSERT OR REPLACE INTO tasks ({_COLUMNS}) VALUES ({', '.join('?' * 15)})"
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass costs microseconds per lookup
 class Stored:
     """One task as the journal holds it: a result (``ok``, ``payload`` as pickled) or a
     failure (``error_type``, ``error_message``, ``error_traceback``, ``error_pickle``)."""
