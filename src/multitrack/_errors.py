@@ -9,7 +9,10 @@
      |    +-- WorkerCrashed         the worker died while running it: .exitcode, .signal, .pid
      |    +-- TaskTimeout           it ran longer than ``timeout``; also a builtin TimeoutError
      +-- WorkerStartError           a worker could not start (initializer raised, spawn failed,
-                                    no "ready" within the start-up bound)
+     |                              no "ready" within the start-up bound)
+     +-- CheckpointError            the checkpoint journal cannot be used: in use by another
+                                    run, damaged, newer, not yours, read-only, disk full, or
+                                    its function changed with on_change="refuse"; .path
 
 ``RemoteError`` is not a ``MultitrackError``: it stands in for a task's own exception when that
 exception cannot cross the process boundary (its class is not importable in the caller, or it
@@ -26,6 +29,7 @@ import signal as _signal
 from typing import Any
 
 __all__ = [
+    "CheckpointError",
     "MultitrackError",
     "RemoteError",
     "RemoteTraceback",
@@ -264,3 +268,27 @@ class WorkerStartError(MultitrackError):
         >>> issubclass(mt.WorkerStartError, mt.MultitrackError)
         True
     """
+
+
+class CheckpointError(MultitrackError):
+    """The checkpoint journal cannot be used; the message says why and what to do.
+
+    Attributes:
+        path: the journal's path.
+
+    Example:
+        >>> err = CheckpointError("run.sqlite is damaged", path="run.sqlite")
+        >>> isinstance(err, MultitrackError), err.path
+        (True, 'run.sqlite')
+    """
+
+    def __init__(self, message: str, *, path: str) -> None:
+        super().__init__(message)
+        self.path = path
+
+    def __reduce__(self) -> Any:
+        return (_rebuild_checkpoint_error, (str(self), self.path))
+
+
+def _rebuild_checkpoint_error(message: str, path: str) -> CheckpointError:
+    return CheckpointError(message, path=path)
