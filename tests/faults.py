@@ -269,3 +269,28 @@ def pid_unless_hang_on(x: int, bad: int = 3, seconds: float = 60.0) -> tuple[int
 def pid_after_sleep(seconds: float) -> int:
     time.sleep(seconds)
     return os.getpid()
+
+
+def _log_run(x: Any, log_dir: str) -> None:
+    with open(os.path.join(log_dir, f"{x}-{os.getpid()}-{time.monotonic_ns()}"), "w"):
+        pass
+
+
+def logged_square(x: int, log_dir: str, bad: int | None = None) -> int:
+    """``x * x``, leaving one file per run in ``log_dir``; raises for ``bad``."""
+    _log_run(x, log_dir)
+    if x == bad:
+        raise ValueError(f"bad input {x}")
+    return x * x
+
+
+def logged_square_fixed(x: int, log_dir: str, bad: int | None = None) -> int:
+    """``logged_square`` with its bug fixed: a changed function for a checkpoint."""
+    _log_run(x, log_dir)
+    return x * x
+
+
+def logged_sleep(x: int, log_dir: str, seconds: float) -> int:
+    time.sleep(seconds)
+    _log_run(x, log_dir)
+    return x * x

@@ -440,7 +440,7 @@ def test_keep_keeps_results_and_forgets_failures(tmp_path: Path) -> None:
         assert journal.function_changed
         message = journal.change_message or ""
         assert message.startswith("checkpoint: resize_one changed since run.sqlite was written (")
-        assert message.endswith("); keeping 9,812 results, running the 171 failures again")
+        assert message.endswith("); keeping 9,812 results, running 171 failures again")
         assert (journal.stored_ok, journal.stored_failed) == (9812, 0)
         assert journal.lookup(key(5)).ok  # type: ignore[union-attr]
         assert journal.lookup(key(9900)) is None

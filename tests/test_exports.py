@@ -7,6 +7,7 @@ import inspect
 import multitrack as mt
 
 EXPECTED = {
+    "CheckpointError",
     "MultitrackError",
     "Pool",
     "RemoteError",

@@ -12,6 +12,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from multitrack._errors import (
+    CheckpointError,
     MultitrackError,
     RemoteError,
     TaskError,
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointError",
     "MultitrackError",
     "Pool",
     "RemoteError",
@@ -63,6 +65,7 @@ def _public(obj: Any) -> Any:
 
 
 for _error in (
+    CheckpointError,
     MultitrackError,
     RemoteError,
     TaskError,

@@ -11,6 +11,7 @@ import atexit
 import builtins
 import functools
 import operator
+import os
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, TypedDict, TypeVar
@@ -19,7 +20,7 @@ from multitrack import backends
 from multitrack._chunks import ChunkSizer
 from multitrack._options import POOL_ONLY, Options, validate
 from multitrack._progress import Progress, make_progress
-from multitrack._run import Policy, Run
+from multitrack._run import Checkpoint, Policy, Run
 from multitrack.backends._base import Backend
 from multitrack.backends._wire import Spread
 
@@ -62,6 +63,9 @@ class CallOptions(TypedDict, total=False):
     timeout: float | None
     retries: int
     retry_delay: float
+    checkpoint: str | os.PathLike[str] | None
+    key: Callable[[Any], Any] | None
+    on_change: str
 
 
 class PoolOptions(CallOptions, total=False):
@@ -333,6 +337,9 @@ class _Call:
             describe=self.describe,
             max_ahead=max_ahead,
             owns_backend=self.owns_backend,
+            checkpoint=None
+            if opts.checkpoint is None
+            else Checkpoint(opts.checkpoint, opts.key, opts.on_change),
         )
 
     def _cap(self) -> int | None:

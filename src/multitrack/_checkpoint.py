@@ -262,8 +262,8 @@ class Journal:
                 f'{head}; not using it (on_change="refuse"): pass on_change="keep" to keep its '
                 f'{ok:,} results, or "restart" to start over'
             )
-        tail = f", running the {failed:,} failures again" if failed else ""
-        return f"{head}; keeping {ok:,} results{tail}"
+        tail = f", running {_count(failed, 'failure')} again" if failed else ""
+        return f"{head}; keeping {_count(ok, 'result')}{tail}"
 
     # -- reading --------------------------------------------------------------------------
 
@@ -552,6 +552,11 @@ class Journal:
 
 
 # -- opening, before a connection exists --------------------------------------------------
+
+
+def _count(n: int, noun: str) -> str:
+    """``"1 result"``, ``"9,812 results"``."""
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
 
 def _companions(path: str) -> list[tuple[str, str]]:

@@ -29,6 +29,7 @@ from multitrack.backends import CAPABILITIES
 from multitrack.backends import NAMES as BACKENDS
 
 ERROR_MODES = ("raise", "return")
+ON_CHANGE = ("keep", "restart", "refuse")  # as _checkpoint.ON_CHANGE (not imported: sqlite3)
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,9 @@ class Options:
     initializer: Callable[..., Any] | None = None
     initargs: tuple[Any, ...] = ()
     max_tasks_per_worker: int | None = None
+    checkpoint: str | os.PathLike[str] | None = None  # the journal: finished tasks kept there
+    key: Callable[[Any], Any] | None = None  # what names a task in the journal
+    on_change: str = "keep"  # the function changed since the journal was written
     address: str | None = None  # dask/ray: the cluster to attach to
     client: Any = None  # dask: an existing distributed.Client
     # Not an option: ``workers`` was left to its default, so a backend attaching to an
@@ -198,6 +202,14 @@ def _initargs(name: str, value: Any) -> tuple[Any, ...]:
     return tuple(value)
 
 
+def _path(name: str, value: Any) -> str | os.PathLike[str] | None:
+    if value is not None and not isinstance(value, str | os.PathLike):
+        raise TypeError(f"{name} must be a path (str or os.PathLike), got {type(value).__name__}")
+    if isinstance(value, str) and not value.strip():
+        raise ValueError(f"{name} must name a file, got {value!r}")
+    return value
+
+
 def _address(name: str, value: Any) -> str | None:
     if value is not None and (not isinstance(value, str) or not value.strip()):
         raise TypeError(f"{name} must be a cluster address string, got {value!r}")
@@ -235,6 +247,9 @@ OPTIONS: dict[str, Option] = {
     "timeout": Option(_timeout, needs="timeout"),
     "retries": Option(_count),
     "retry_delay": Option(_delay),
+    "checkpoint": Option(_path),
+    "key": Option(_callable),
+    "on_change": Option(_choice_of(ON_CHANGE)),
     "initializer": Option(_callable, pool=True),
     "initargs": Option(_initargs, pool=True),
     "max_tasks_per_worker": Option(_optional_positive, pool=True, needs="max_tasks_per_worker"),
@@ -292,6 +307,10 @@ def _check_capabilities(options: Options) -> None:
             raise ValueError(f"{name}= {_WHY_NOT[option.needs](options.backend)}")
     if options.client is not None and options.address is not None:
         raise ValueError("give client= or address=, not both (the client has an address)")
+    if options.checkpoint is None:
+        for name in ("key", "on_change"):
+            if getattr(options, name) != _DEFAULTS[name]:
+                raise ValueError(f"{name}= names tasks in a checkpoint: give checkpoint= too")
 
 
 _DEFAULTS = {f.name: f.default for f in fields(Options) if f.name != "workers"}

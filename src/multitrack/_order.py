@@ -70,6 +70,10 @@ class Release:
             run = self._runs.pop(self.released, None)
         return released
 
+    def releasable(self) -> bool:
+        """Whether ``release`` would hand out something now."""
+        return bool(self._ready) if not self.ordered else self.released in self._runs
+
     def holding(self) -> bool:
         """Whether settled results wait to be released."""
         return bool(self._runs or self._ready)

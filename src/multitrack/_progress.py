@@ -72,6 +72,7 @@ class Progress:
         self.completed = 0
         self.failed = 0
         self.retried = 0
+        self.reused = 0
         self.closed = False
         self._clock = clock
 
@@ -86,6 +87,12 @@ class Progress:
     def add_retried(self, n: int = 1) -> None:
         """``n`` tasks are being run again."""
         self.retried += n
+
+    def add_reused(self, n: int) -> None:
+        """``n`` tasks were settled from a checkpoint's journal, not run: they count as
+        completed, but not in the rate (the ETA counts only the work that runs)."""
+        self.completed += n
+        self.reused += n
 
     def set_total(self, total: int | None) -> None:
         """The number of tasks turned out to be ``total`` (``None``: unknown)."""
@@ -111,6 +118,8 @@ class Progress:
         parts = [f"failed={self.failed}"] if self.failed else []
         if self.retried:
             parts.append(f"retried={self.retried}")
+        if self.reused:
+            parts.append(f"reused={self.reused}")
         return ", ".join(parts)
 
     def __enter__(self: _P) -> _P:
@@ -178,6 +187,16 @@ class TqdmProgress(Progress):
         """``n`` tasks run again: shown as ``retried=N`` after the rate."""
         super().add_retried(n)
         self._bar.set_postfix_str(self.postfix(), refresh=False)
+
+    def add_reused(self, n: int) -> None:
+        """``n`` tasks from the journal: the bar starts further on, its rate does not jump
+        (tqdm measures the rate from ``initial``)."""
+        super().add_reused(n)
+        bar = self._bar
+        bar.n += n
+        bar.initial += n
+        bar.last_print_n += n
+        bar.set_postfix_str(self.postfix(), refresh=False)
 
     def set_total(self, total: int | None) -> None:
         """Change the total and redraw."""
@@ -262,6 +281,7 @@ class LogProgress(Progress):
         self._started_at = clock()
         self._next_line_at = self._started_at + self.interval
         self._last_line = (self._started_at, 0)  # (time, completed) at the previous line
+        self._start_count = 0  # tasks reused from a journal: not in the summary's rate
         self._rate: float | None = None
 
     def advance(self, n: int = 1) -> None:
@@ -269,6 +289,13 @@ class LogProgress(Progress):
         self.completed += n
         if self._clock() >= self._next_line_at:
             self._status_line()
+
+    def add_reused(self, n: int) -> None:
+        """``n`` tasks from the journal: counted, left out of the rate."""
+        super().add_reused(n)
+        then, completed_then = self._last_line
+        self._last_line = (then, completed_then + n)
+        self._start_count += n
 
     def wakeup_in(self) -> float | None:
         """Seconds until the next status line is due."""
@@ -287,7 +314,8 @@ class LogProgress(Progress):
             return
         super().close(outcome)
         elapsed = self._clock() - self._started_at
-        rate = self.completed / elapsed if elapsed > 0 else None
+        ran = self.completed - self._start_count
+        rate = ran / elapsed if elapsed > 0 else None
         self._emit(
             f"{self._label}: {_FINAL_WORD[outcome]} {self._count()} "
             f"in {_clock_time(elapsed)}, {_format_rate(rate)}"

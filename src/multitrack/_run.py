@@ -33,6 +33,7 @@ Time comes from an injectable ``clock`` so the policy is tested in milliseconds.
 from __future__ import annotations
 
 import itertools
+import os
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -43,9 +44,10 @@ from multitrack._errors import TaskError, TaskTimeout, WorkerCrashed, task_label
 from multitrack._ledger import MAX_BYSTANDER_REQUEUES, Ledger
 from multitrack._order import Release
 from multitrack._progress import NullProgress, Progress
+from multitrack._resume import Resume
 from multitrack.backends._base import Backend, Chunk, Completed, GivenBack, Lost
 
-__all__ = ["MAX_BYSTANDER_REQUEUES", "Policy", "Run"]
+__all__ = ["MAX_BYSTANDER_REQUEUES", "Checkpoint", "Policy", "Run"]
 
 
 @dataclass
@@ -56,6 +58,15 @@ class Policy:
     retries: int = 0
     retry_delay: float = 0.0  # seconds before a retry, doubled on each further attempt
     timeout: float | None = None
+
+
+@dataclass
+class Checkpoint:
+    """``checkpoint=``, ``key=`` and ``on_change=`` of one call (see ``_resume``)."""
+
+    path: str | os.PathLike[str]
+    key: Callable[[Any], Any] | None = None
+    on_change: str = "keep"
 
 
 class Run:
@@ -76,6 +87,7 @@ class Run:
         describe: Callable[[Any], Any],
         max_ahead: int | None,
         owns_backend: bool,
+        checkpoint: Checkpoint | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.backend = backend
@@ -100,6 +112,8 @@ class Run:
         self.ledger = Ledger()  # where every unsettled task is
         self.order = Release(ordered=ordered)  # settled results until they are released
         self.first_failure: TaskError | None = None
+        self.checkpoint = checkpoint
+        self.resume: Resume | None = None  # the journal, once the call starts
         self.over = False  # set once the call has ended, however it ended
 
     # -- the loop -------------------------------------------------------------------------
@@ -119,6 +133,7 @@ class Run:
         """The results in lists, as they become releasable (what ``map`` collects)."""
         outcome: Literal["done", "error", "interrupted"] = "error"
         try:
+            self._open_journal()
             self.backend.begin(self.fn, self._output, timed=self.policy.timeout is not None)
             while True:
                 # Release, then fill, then wait. Releasing first reopens intake that the
@@ -131,10 +146,14 @@ class Run:
                     yield released
                 if self._finished():
                     break
+                if self.order.releasable():
+                    continue  # tasks settled from a checkpoint's journal while filling
                 if self.exhausted and not self.ledger.queued() and self.backend.capacity() > 0:
                     self.backend.give_back()  # the tail: let idle workers share it
                 self._check_not_stalled()
                 self._dispatch(self.backend.poll(self._wait_time()))
+                if self.resume is not None:
+                    self.resume.commit_due()
                 self._enforce_deadlines()
                 if self._due(self.progress.wakeup_in()):
                     self.progress.tick()
@@ -165,9 +184,26 @@ class Run:
             if self.owns_backend:
                 self.backend.close(kill=aborted)
         finally:
-            if self.first_failure is not None and not aborted:
-                self._summarize_failures()
-            self.progress.close(outcome)
+            try:
+                if self.resume is not None:
+                    self.resume.close()  # everything finished is stored, however it ended
+            finally:
+                if self.first_failure is not None and not aborted:
+                    self._summarize_failures()
+                self.progress.close(outcome)
+
+    def _open_journal(self) -> None:
+        spec = self.checkpoint
+        if spec is None:
+            return
+        self.resume = Resume(
+            spec.path,
+            self.fn,
+            key=spec.key,
+            describe=self.describe,
+            on_change=spec.on_change,
+            say=lambda text: self.progress.write(text + "\n", stream="stderr"),
+        )
 
     def _check_not_stalled(self) -> None:
         """Workers free, nothing in flight, nothing queued, and yet not finished: no event
@@ -230,15 +266,32 @@ class Run:
         if given_back is not None:
             return ledger.new_chunk(*given_back)
         again = ledger.take_requeued(size, self.clock())
-        fresh = self._pull(size - len(again))
+        indices, fresh = self._pull_to_run(size - len(again))
         if not again and not fresh:
             return None
-        indices: Sequence[int] = range(self.pulled - len(fresh), self.pulled)
         args = fresh
         if again:
             indices = [index for index, _ in again] + list(indices)
             args = [arg for _, arg in again] + fresh
         return ledger.new_chunk(indices, args)
+
+    def _pull_to_run(self, wanted: int) -> tuple[Sequence[int], list[Any]]:
+        """Up to ``wanted`` new tasks to send, as (indices, arguments). With a checkpoint,
+        tasks whose results the journal holds are settled here instead; pulling goes on
+        until something is left to send or the input (or the ordered window) ends."""
+        fresh = self._pull(wanted)
+        resume = self.resume
+        if resume is None:
+            return range(self.pulled - len(fresh), self.pulled), fresh
+        while True:
+            indices, todo, reused = resume.split(self.pulled - len(fresh), fresh)
+            for index, value in reused:
+                self.order.store_one(index, value)
+            if reused:
+                self.progress.add_reused(len(reused))
+            if todo or not fresh:
+                return indices, todo
+            fresh = self._pull(wanted)
 
     def _pull(self, wanted: int) -> list[Any]:
         """Take up to ``wanted`` new tasks from the input (fewer when ordered intake is too
@@ -275,10 +328,15 @@ class Run:
         if done:
             self.progress.advance(done)
             if not errors:
-                self.ledger.settled_span(chunk.indices[first : first + len(values)])
+                ok: Sequence[int] = chunk.indices[first : first + len(values)]
+                ok_values = values
             else:
-                ok = [chunk.indices[first + k] for k in range(len(values)) if k not in errors]
-                self.ledger.settled_span(ok)
+                kept = [k for k in range(len(values)) if k not in errors]
+                ok = [chunk.indices[first + k] for k in kept]
+                ok_values = [values[k] for k in kept]
+            self.ledger.settled_span(ok)
+            if self.resume is not None:
+                self.resume.record(ok, ok_values, event.busy_seconds / len(values))
         for offset in sorted(errors):
             position = first + offset
             self._fail(chunk.indices[position], errors[offset], chunk.args[position])
@@ -329,6 +387,8 @@ class Run:
             error = TaskError.from_cause(cause, index=index, task=task, attempts=attempts)
         if self.first_failure is None:
             self.first_failure = error
+        if self.resume is not None:
+            self.resume.record_failure(index, error)
         self.progress.add_failed()
         self.progress.advance(1)
         if self.policy.errors == "raise":
