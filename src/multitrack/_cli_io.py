@@ -313,7 +313,8 @@ class Joblog:
     Starttime (epoch seconds), JobRuntime (seconds), Send and Receive 0 (no bytes are piped
     to or from a function), Exitval 0 (returned) or 1 (failed), Signal (the number of the
     signal that killed a crashed worker, 9 for a task killed at its timeout, else 0), and
-    Command (the call, as ``--dry-run`` prints it, with tabs and newlines escaped)."""
+    Command (the call with its arguments as the input gave them, before conversion by
+    annotation, as Python literals: tabs and newlines are escaped)."""
 
     def __init__(self, file: IO[str]) -> None:
         self.file = file
