@@ -1,11 +1,12 @@
 """The ``multitrack`` command (also ``python -m multitrack``).
 
 One ``argparse`` subcommand per verb; each registers its arguments in ``_add_<verb>`` and its
-work in ``_<verb>_command(args) -> exit code``. Today: ``demo``. A new verb (``run``) adds one
-pair of functions and one line in ``build_parser``.
+work in ``_<verb>_command(args) -> exit code``: ``demo`` here, ``run`` in ``_cli_run`` (its
+arguments and its command, with the decisions it makes in that module's docstring).
 
-Exit codes: 0 done, 1 the command failed, 2 bad usage or a missing extra (argparse's code),
-130 interrupted by Ctrl-C.
+Exit codes: 0 done, 1 the command failed (``run``: some task failed), 2 bad usage or a missing
+extra (argparse's code), 3 (``run``) the function could not be imported or the workers could
+not start, 130 interrupted by Ctrl-C.
 
 This module imports only the standard library at import time, so ``multitrack --help`` is fast
 and works without the optional extras; a command imports what it needs when it runs.
@@ -74,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {multitrack.__version__}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND", required=True)
     _add_demo(commands)
+    _add_run(commands)
     return parser
 
 
@@ -126,6 +128,29 @@ def _demo_command(args: argparse.Namespace) -> int:
         print(f"multitrack demo: FAILED: {error}", file=sys.stderr)
         return 1
     return 0
+
+
+def _add_run(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from multitrack import _cli_run  # standard library only at import time
+
+    run = commands.add_parser(
+        "run",
+        help="run a Python function over many inputs (like GNU parallel)",
+        description=(
+            "Call MODULE:FUNCTION once per input, on every core, with a progress bar on "
+            "stderr and one JSON record per input on stdout."
+        ),
+        epilog=_cli_run.EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _cli_run.add_arguments(run)
+    run.set_defaults(command=_run_command)
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    from multitrack import _cli_run
+
+    return _cli_run.run_command(args)
 
 
 def _positive_int(text: str) -> int:
