@@ -100,6 +100,19 @@ def pid(x):
 
 def one_arg(x):
     return x
+
+
+def logged(n: int):
+    Path("runs", f"{n}-{time.monotonic_ns()}").touch()
+    if n == 3:
+        raise ValueError("three is bad")
+    return n * n
+
+
+def logged_slowly(n: int):
+    time.sleep(0.02)
+    Path("runs", f"{n}-{time.monotonic_ns()}").touch()
+    return n
 """
 
 
@@ -667,3 +680,44 @@ def test_help_names_every_option() -> None:
         "exit status",
     ):
         assert option in done.stdout, option
+
+
+# -- --checkpoint -----------------------------------------------------------------------------
+
+
+def _ran(folder: Path) -> list[int]:
+    return sorted(int(name.split("-")[0]) for name in os.listdir(folder / "runs"))
+
+
+def test_checkpoint_reruns_only_what_has_no_stored_success(folder: Path) -> None:
+    (folder / "runs").mkdir()
+    command = ["fns.py:logged", "1", "2", "3", "4", "-j", "2", "--checkpoint", "run.sqlite"]
+    first = run(*command, "--progress", "none", cwd=folder)
+    assert first.returncode == 1 and _ran(folder) == [1, 2, 3, 4]
+    second = run(*command, "--progress", "none", cwd=folder)
+    assert second.returncode == 1
+    assert records(second) == records(first) or values(second) == values(first)
+    assert _ran(folder) == [1, 2, 3, 3, 4]  # the failure alone ran again
+
+
+@pytest.mark.timeout(90)
+def test_checkpoint_interrupted_with_ctrl_c_then_rerun(folder: Path) -> None:
+    (folder / "runs").mkdir()
+    (folder / "inputs.txt").write_text("\n".join(map(str, range(300))) + "\n")
+    command = [sys.executable, "-m", "multitrack", "run", "fns.py:logged_slowly", "-a"]
+    command += ["inputs.txt", "-j", "2", "--checkpoint", "run.sqlite", "--progress", "none"]
+    proc = subprocess.Popen(command, cwd=folder, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while len(os.listdir(folder / "runs")) < 60 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=RUN_TIMEOUT)
+    assert proc.returncode == 130, err
+    assert b"rerun the same command to resume" in err
+    before = len(_ran(folder))
+    rerun = subprocess.run(command, cwd=folder, capture_output=True, text=True, timeout=60)
+    assert rerun.returncode == 0, rerun.stderr
+    assert [json.loads(line)["value"] for line in rerun.stdout.splitlines()] == list(range(300))
+    assert set(_ran(folder)) == set(range(300))
+    # at least 60 had run before Ctrl-C: all but the last chunk or two of them were stored
+    assert len(_ran(folder)) - before <= 300 - 20

@@ -36,6 +36,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import inspect
@@ -117,6 +118,12 @@ class Job:
 
     def __repr__(self) -> str:
         return repr(self.fn)
+
+    @property
+    def __wrapped__(self) -> Callable[..., Any]:
+        """The user's function with the ``-p`` bindings: what ``--checkpoint`` identifies."""
+        fn = self.fn.function() if isinstance(self.fn, ScriptFunction) else self.fn
+        return functools.partial(fn, **self.params)
 
     def arguments(self, task: Task) -> tuple[tuple[Any, ...], dict[str, Any]]:
         """The converted arguments of ``task`` (raises ``InputError`` or ``TypeError``)."""

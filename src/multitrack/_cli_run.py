@@ -199,6 +199,12 @@ def add_arguments(run: argparse.ArgumentParser) -> None:
         "--address", metavar="ADDRESS", help="with --backend dask or ray: the cluster to use"
     )
     running.add_argument(
+        "--checkpoint",
+        metavar="FILE",
+        help="keep finished records in FILE (SQLite); rerunning the same command runs only "
+        "the inputs without a stored success",
+    )
+    running.add_argument(
         "--dry-run",
         action="store_true",
         help="print the calls that would run, one per line, and start nothing",
@@ -517,6 +523,8 @@ class _Execution:
                 retries=args.retries,
                 initializer=self.init,
                 address=args.address,
+                checkpoint=args.checkpoint,
+                key=_task_key if args.checkpoint else None,
             )
         except (TypeError, ValueError) as exc:
             return _fail(str(exc), EXIT_USAGE)
@@ -528,6 +536,16 @@ class _Execution:
             return self._stdout_closed(results)
         except (ImportError, mt.WorkerStartError) as exc:
             return _fail(_first_line(exc), EXIT_CANNOT_START)
+        except mt.CheckpointError as exc:
+            return _fail(str(exc), EXIT_USAGE)
+        except KeyboardInterrupt:
+            if args.checkpoint:
+                print(
+                    f"multitrack run: interrupted; {records.failed + records.succeeded} records "
+                    f"written; rerun the same command to resume from {args.checkpoint}",
+                    file=sys.stderr,
+                )
+            raise
         finally:
             results.close()  # type: ignore[attr-defined]  # stops the workers, if any run on
             if joblog:
@@ -633,6 +651,12 @@ def _arguments_of(raw: Any, args: argparse.Namespace) -> tuple[tuple[Any, ...], 
         if isinstance(raw, dict):
             return (), raw
     return (raw,), {}
+
+
+def _task_key(task: Any) -> Any:
+    """What names an input's record in ``--checkpoint``: its position and its arguments (the
+    record carries its index, so a task moved elsewhere in the input runs again)."""
+    return (task.index, task.args, tuple(sorted(task.kwargs.items())))
 
 
 def _first_line(exc: BaseException) -> str:

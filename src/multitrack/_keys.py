@@ -349,6 +349,10 @@ def _identify(fn: Any, hasher: Any, depth: int) -> str:
             _identify(init, hasher, depth + 1)
         hasher.update(_type_name(fn))
         return _name_of(fn)
+    wrapped = getattr(fn, "__wrapped__", None)
+    if wrapped is not None and wrapped is not fn:  # a wrapper names what it wraps
+        hasher.update(b"wrapper:" + _type_name(type(fn)))
+        return _identify(wrapped, hasher, depth + 1)
     call = next(
         (c.__dict__["__call__"] for c in type(fn).__mro__ if "__call__" in c.__dict__), None
     )
