@@ -9,6 +9,7 @@ Every worker of ours is a fresh interpreter that imports this module, so the hea
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import io
 import os
@@ -16,11 +17,13 @@ import pickle
 import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+import faults
 import multitrack as mt
 from multitrack._mmengine import TTY_INTERVAL, TrackBar, format_bar
 
@@ -152,8 +155,14 @@ def test_serial_functions_match_mmengine(tasks: Any) -> None:
 def test_signatures_match_mmengine(name: str) -> None:
     import mmengine.utils
 
-    ours = inspect.signature(getattr(mt, name)).parameters
+    ours = dict(inspect.signature(getattr(mt, name)).parameters)
     theirs = inspect.signature(getattr(mmengine.utils, name)).parameters
+    # the keywords multitrack adds: keyword-only, after all of mmengine's, with a default
+    added = [p for p in ours.values() if p.name not in theirs]
+    assert all(p.kind is p.KEYWORD_ONLY and p.default is None for p in added)
+    assert [p.name for p in added] == (["checkpoint"] if name == "track_parallel_progress" else [])
+    for param in added:
+        del ours[param.name]
     assert list(ours) == list(theirs)
     for param, other in zip(ours.values(), theirs.values(), strict=True):
         assert param.kind == other.kind
@@ -448,3 +457,19 @@ def test_numpy_integers_are_accepted_as_mmengine_accepts_them() -> None:
     assert results == [1, 4, 9]
     with pytest.raises(TypeError, match="chunksize"):
         mt.track_parallel_progress(square, [1], 2, chunksize=2.0, file=out)
+
+
+def test_the_drop_in_resumes_from_a_checkpoint(tmp_path: Path) -> None:
+    log_dir = tmp_path / "runs"
+    log_dir.mkdir()
+    work = functools.partial(faults.logged_square, log_dir=str(log_dir))
+    journal = tmp_path / "run.sqlite"
+    out = io.StringIO()
+    assert mt.track_parallel_progress(work, [1, 2, 3], 2, file=out, checkpoint=journal) == [1, 4, 9]
+    assert mt.track_parallel_progress(work, [1, 2, 3, 4], 2, file=out, checkpoint=journal) == [
+        1,
+        4,
+        9,
+        16,
+    ]
+    assert sorted(int(name.split("-")[0]) for name in os.listdir(log_dir)) == [1, 2, 3, 4]

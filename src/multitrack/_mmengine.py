@@ -66,6 +66,7 @@ way (chunking never changes them in ``Pool`` either).
 from __future__ import annotations
 
 import operator
+import os
 import shutil
 import sys
 import time
@@ -110,8 +111,14 @@ def track_parallel_progress(
     skip_first: bool = False,
     keep_order: bool = True,
     file: Writable | None = _STDOUT_AT_IMPORT,
+    *,
+    checkpoint: str | os.PathLike[str] | None = None,
 ) -> list[Any]:
     """Run ``func(task)`` for every task on ``nproc`` worker processes, with mmengine's bar.
+
+    ``checkpoint`` (a keyword multitrack adds): a journal file; a rerun with the same file
+    returns the results stored there and runs only the missing tasks (see ``multitrack.map``).
+    ``track_progress`` has no such keyword: its keywords go to ``func``.
 
     ``tasks`` is any iterable, or ``(iterable, n)`` when the length is known but not available
     (a generator). ``nproc=None`` means every CPU this process may use. Results come in input
@@ -137,6 +144,8 @@ def track_parallel_progress(
         "chunksize": None if chunksize == 1 else chunksize,  # 1: adaptive (module docstring)
         **_init_options(initializer, initargs),
     }
+    if checkpoint is not None:
+        options["checkpoint"] = checkpoint
     skip = workers * chunksize if skip_first else 0
     bar = TrackBar(total, bar_width=bar_width, file=_resolve_file(file), skip=skip)
     try:
