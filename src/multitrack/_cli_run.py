@@ -69,6 +69,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from multitrack.cli import whole_number
+
 __all__ = ["add_arguments", "run_command"]
 
 OUTPUTS = ("jsonl", "value", "none")
@@ -170,7 +172,7 @@ def add_arguments(run: argparse.ArgumentParser) -> None:
     )
     running.add_argument(
         "--retries",
-        type=_count,
+        type=whole_number(0),
         default=0,
         metavar="N",
         help="extra attempts for a task that raised, crashed its worker or timed out",
@@ -256,16 +258,6 @@ def _workers(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a number or N%, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
     return value
 
 
