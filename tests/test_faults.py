@@ -510,3 +510,21 @@ def test_big_results_beside_arguments_that_fail_to_unpickle() -> None:
         "error",
         BIG,
     ]
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize(
+    ("fn", "frame"),
+    [
+        (functools.partial(faults.sleep_on, seconds=60, bad=1), "in sleep_on"),
+        (functools.partial(faults.hold_the_gil_on, bad=1), "in hold_the_gil_on"),  # stuck in C
+    ],
+    ids=["sleeping", "in-C-holding-the-GIL"],
+)
+def test_a_timed_out_task_says_where_it_was_stopped(fn: Any, frame: str) -> None:
+    results = mt.map(fn, [0, 1, 2], workers=2, timeout=1.0, errors="return")
+    error = results[1]
+    assert isinstance(error, mt.TaskTimeout) and error.stack is not None
+    assert frame in error.stack and "faults.py" in error.stack
+    assert "_worker.py" not in error.stack and "_run.py" not in error.stack  # the task's alone
+    assert frame in "".join(getattr(error, "__notes__", []))  # shown under the traceback

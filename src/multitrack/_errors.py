@@ -251,11 +251,32 @@ class TaskTimeout(TaskError, TimeoutError):
 
     Also a builtin ``TimeoutError``, so ``except TimeoutError`` catches it.
 
+    Attributes:
+        stack: where the task was when it was stopped: its thread's Python stack as
+            ``faulthandler`` dumped it just before the kill (even from inside C code holding
+            the GIL), or ``None`` where it could not be taken (threads, clusters). It is also
+            shown under the error's traceback.
+
     Example:
         >>> import multitrack as mt
         >>> issubclass(mt.TaskTimeout, TimeoutError)
         True
     """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        index: int,
+        task: Any,
+        attempts: int = 1,
+        stack: str | None = None,
+    ) -> None:
+        super().__init__(message, index=index, task=task, attempts=attempts)
+        self.stack = stack
+        if stack:
+            note = "where the task was when it was stopped:\n" + stack
+            self.__notes__ = [*getattr(self, "__notes__", []), note]  # add_note: 3.11+
 
 
 class WorkerStartError(MultitrackError):

@@ -366,6 +366,7 @@ class Run:
                 index=index,
                 task=task,
                 attempts=attempts,
+                stack=event.stack,
             )
         return WorkerCrashed.for_death(
             index=index, task=task, attempts=attempts, returncode=event.returncode, pid=event.pid

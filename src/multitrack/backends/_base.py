@@ -96,6 +96,7 @@ class Lost:
     pid: int | None
     killed: bool = False
     span: int = 1
+    stack: str | None = None  # killed: where its task was (``faulthandler``), when known
 
 
 @dataclass(slots=True)

@@ -32,6 +32,7 @@ import mmap
 import os
 import pickle
 import signal
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import IO, Any
@@ -42,12 +43,13 @@ from multitrack.backends import _wire
 from multitrack.backends._base import Chunk, Completed, Event, GivenBack, Lost, Output
 from multitrack.backends._channel import Channel
 from multitrack.backends._start import WorkerProcess, exited_within
-from multitrack.backends._watch import Watch
+from multitrack.backends._watch import Watch, wait_readable
 
 # A message to a worker and the large buffers that travel beside it in shared memory.
 Message = tuple[tuple[Any, ...], list[pickle.PickleBuffer]]
 
 STDERR_KEPT = 2000  # bytes of a worker's last stderr kept, to explain a failed start
+STACK_WAIT = 0.3  # seconds a timed-out worker gets to dump its stacks before it is killed
 
 
 class State(enum.Enum):
@@ -80,6 +82,7 @@ class WorkerHandle:
         pidfd: int | None,
         watch: Watch[WorkerHandle],
         *,
+        stacks: int,
         boot_deadline: float,
         forked: bool,
     ) -> None:
@@ -88,6 +91,8 @@ class WorkerHandle:
         self.conn = conn
         self.slot = slot
         self.pidfd = pidfd
+        self.stacks = stacks  # read end of the pipe its faulthandler writes stacks into
+        os.set_blocking(stacks, False)
         self.boot_deadline = boot_deadline
         self.forked = forked
         self.state = State.BOOTING
@@ -160,6 +165,28 @@ class WorkerHandle:
     def retire(self) -> None:
         self.state = State.STOPPING
         self.send((P.STOP,))
+
+    def stack(self, bound: float = STACK_WAIT) -> str | None:
+        """What its threads are doing, as ``faulthandler`` dumps it on SIGUSR1 (the task's
+        thread first, multitrack's own threads left out); ``None`` when nothing came within
+        ``bound`` seconds (a worker dead already, or one that never answers)."""
+        if self.state is State.DEAD or self.popen.returncode is not None:
+            return None
+        try:
+            os.kill(self.pid, signal.SIGUSR1)
+        except (ProcessLookupError, PermissionError):
+            return None
+        text, deadline = b"", time.monotonic() + bound
+        while (left := deadline - time.monotonic()) > 0:
+            if not wait_readable({self.stacks: None}, min(left, 0.05 if text else left)):
+                if text:
+                    break  # a pause after some text: the dump is complete
+                continue
+            fresh, eof = _read_available(self.stacks)
+            text += fresh
+            if eof:
+                break
+        return task_stack(text.decode("utf-8", "replace")) if text else None
 
     def kill(self) -> None:
         """SIGKILL its whole process group (a task may have started processes of its own)."""
@@ -305,6 +332,7 @@ class WorkerHandle:
         *,
         report: bool,
         killed: bool = False,
+        stack: str | None = None,
         starting_matters: bool = True,
     ) -> None:
         """The worker is gone, or must go: take what it sent, reap it, relay its last output,
@@ -330,7 +358,7 @@ class WorkerHandle:
                 f"(pid {self.pid}){self.stderr_tail()}"
             )
         if report and held:
-            events.append(self._lost(held, current, killed=killed))
+            events.append(self._lost(held, current, killed=killed, stack=stack))
 
     def _reap(self, output: Output) -> tuple[P.SlotReading | None, list[int]]:
         """Wait for its exit (kill it if it lingers), relay its last output, close its
@@ -346,7 +374,9 @@ class WorkerHandle:
         self.forget_call()
         return current, held
 
-    def _lost(self, held: list[int], current: P.SlotReading | None, *, killed: bool) -> Lost:
+    def _lost(
+        self, held: list[int], current: P.SlotReading | None, *, killed: bool, stack: str | None
+    ) -> Lost:
         if current is not None and current.chunk_id not in held:
             current = None  # a chunk of an earlier call
         return Lost(
@@ -357,6 +387,7 @@ class WorkerHandle:
             pid=self.pid,
             killed=killed,
             span=current.span if current else 1,
+            stack=stack,
         )
 
     def forget_call(self) -> None:
@@ -370,6 +401,7 @@ class WorkerHandle:
         self._watch.discard(self.conn.fileno())
         self.conn.close()
         self.slot.close()
+        os.close(self.stacks)
         if self.pidfd is not None:
             self._watch.discard(self.pidfd)
             os.close(self.pidfd)
@@ -382,12 +414,45 @@ class WorkerHandle:
         """Its open parent-side descriptors (a forked sibling must close them)."""
         if self.state is State.DEAD:
             return []
-        fds = [self.conn.fileno()]
+        fds = [self.conn.fileno(), self.stacks]
         if self.pidfd is not None:
             fds.append(self.pidfd)
         streams = (self.popen.stdout, self.popen.stderr)
         fds.extend(s.fileno() for s in streams if s is not None and not s.closed)
         return fds
+
+
+def task_stack(dump: str) -> str:
+    r"""A ``faulthandler`` dump of a worker, cut to what concerns its task: the threads that
+    are not multitrack's own (the reader and the ticker), without multitrack's frames.
+
+    Example:
+        >>> dump = (
+        ...     'Thread 0x1 (most recent call first):\n'
+        ...     '  File "/x/multitrack/backends/_worker.py", line 9 in _read\n\n'
+        ...     'Current thread 0x2 (most recent call first):\n'
+        ...     '  File "/home/me/job.py", line 3 in resize\n'
+        ...     '  File "/x/multitrack/backends/_worker.py", line 99 in run_chunk\n'
+        ... )
+        >>> print(task_stack(dump))
+        Current thread 0x2 (most recent call first):
+          File "/home/me/job.py", line 3 in resize
+    """
+    kept = []
+    for block in dump.strip().split("\n\n"):
+        lines = block.splitlines()
+        frames = []
+        for line in lines[1:]:  # most recent first: the task's frames, down to its runner
+            if _WORKER_FRAME in line.replace("\\", "/"):
+                break  # below: the worker's loop (and, when forked, the caller's old stack)
+            frames.append(line)
+        if any(_OWN_FRAMES not in frame.replace("\\", "/") for frame in frames):
+            kept.append("\n".join([lines[0], *frames]))  # not one of multitrack's threads
+    return "\n\n".join(kept) if kept else dump.strip()
+
+
+_WORKER_FRAME = "multitrack/backends/_worker.py"
+_OWN_FRAMES = "multitrack/backends/"
 
 
 def _read_available(fd: int) -> tuple[bytes, bool]:

@@ -71,6 +71,7 @@ from multitrack.backends._platform import HAS_MEMFD, HAS_PIDFD, require_posix
 from multitrack.backends._pooled import PooledBackend
 from multitrack.backends._proc import Message, State, WorkerHandle
 from multitrack.backends._start import (
+    ChildEnds,
     ForkedProcess,
     exited_within,
     start_method,
@@ -201,8 +202,9 @@ class ProcessBackend(PooledBackend):
         proc = self._procs.get(worker)
         if proc is None:
             return
+        stack = proc.stack()  # where its task is stuck, for the TaskTimeout
         proc.kill()
-        self._collect(proc, report=True, killed=True)
+        self._collect(proc, report=True, killed=True, stack=stack)
 
     def give_back(self) -> None:
         # Only for an idle worker; then the worker with the most tasks queued behind its
@@ -278,7 +280,9 @@ class ProcessBackend(PooledBackend):
             while len(self._procs) < self.slots:
                 self._spawn()
 
-    def _collect(self, proc: WorkerHandle, *, report: bool, killed: bool = False) -> None:
+    def _collect(
+        self, proc: WorkerHandle, *, report: bool, killed: bool = False, stack: str | None = None
+    ) -> None:
         """A worker is gone (or must go): its handle reports what it held; the pool forgets
         it (and replaces it at the next health check, while a call runs)."""
         try:
@@ -287,6 +291,7 @@ class ProcessBackend(PooledBackend):
                 self._output,
                 report=report,
                 killed=killed,
+                stack=stack,
                 starting_matters=self._active,
             )
         finally:
@@ -296,20 +301,24 @@ class ProcessBackend(PooledBackend):
 
     def _spawn(self) -> WorkerHandle:
         parent_sock, child_sock = socket.socketpair()
+        stacks_read, stacks_write = os.pipe()
         try:
             with child_sock, _slot_file() as slot_file:
                 os.ftruncate(slot_file.fileno(), P.SLOT_SIZE)
-                fds = (child_sock.fileno(), slot_file.fileno())
+                ends = ChildEnds(child_sock.fileno(), slot_file.fileno(), stacks_write)
                 # A forked child must not keep the parent's end of its own socket, nor of any
                 # other worker's: the worker would then never see EOF when the caller dies.
-                parent_ends = [parent_sock.fileno(), *_parent_ends()]
-                popen = start_worker(*fds, parent_ends, self._thread_limits)
+                parent_ends = [parent_sock.fileno(), stacks_read, *_parent_ends()]
+                popen = start_worker(ends, parent_ends, self._thread_limits)
                 slot = mmap.mmap(slot_file.fileno(), P.SLOT_SIZE)
         except BaseException as exc:
             parent_sock.close()
+            os.close(stacks_read)
             if isinstance(exc, OSError):
                 raise WorkerStartError(f"could not start a worker process: {exc}") from exc
             raise
+        finally:
+            os.close(stacks_write)
         _enlarge_send_buffer(parent_sock)
         proc = WorkerHandle(
             self._next_key,
@@ -318,6 +327,7 @@ class ProcessBackend(PooledBackend):
             slot,
             _pidfd(popen.pid),
             self._watch,
+            stacks=stacks_read,
             boot_deadline=time.monotonic() + BOOT_TIMEOUT,
             forked=isinstance(popen, ForkedProcess),
         )

@@ -38,7 +38,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
-from typing import IO, Protocol
+from typing import IO, NamedTuple, Protocol
 
 from multitrack.backends._platform import CAN_FORK
 
@@ -53,7 +53,7 @@ _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspat
 # where that folder is site-packages, putting it first would let a package there shadow the
 # standard library (PyPI's ``typing`` backport kills every worker that way).
 _BOOT = (
-    "import sys, marshal; sys.path[:] = marshal.loads(bytes.fromhex(sys.argv[3])); "
+    "import sys, marshal; sys.path[:] = marshal.loads(bytes.fromhex(sys.argv[4])); "
     f"sys.path.append({_PACKAGE_PARENT!r}); "
     "from multitrack.backends._worker import main; main()"
 )
@@ -106,19 +106,28 @@ def thread_limits(workers: int) -> dict[str, str]:
     return {name: os.environ.get(name, per_worker) for name in _THREAD_ENV}
 
 
+class ChildEnds(NamedTuple):
+    """The descriptors a worker keeps: its socket, its slot, and the pipe its stacks are
+    dumped into (``faulthandler``, on SIGUSR1: what a task was doing when it timed out)."""
+
+    conn: int
+    slot: int
+    stacks: int
+
+
 def start_worker(
-    conn_fd: int, slot_fd: int, parent_ends: Sequence[int], limits: dict[str, str]
+    ends: ChildEnds, parent_ends: Sequence[int], limits: dict[str, str]
 ) -> WorkerProcess:
-    """Start a worker on the child ends ``conn_fd`` and ``slot_fd``. ``parent_ends`` are the
-    parent's descriptors a forked child must close; ``limits`` its native thread caps. Raises
-    ``OSError`` when no process can be started."""
+    """Start a worker on the child ``ends``. ``parent_ends`` are the parent's descriptors a
+    forked child must close; ``limits`` its native thread caps. Raises ``OSError`` when no
+    process can be started."""
     if start_method() == "fork":
-        return _fork(conn_fd, slot_fd, parent_ends, limits)
+        return _fork(ends, parent_ends, limits)
     import subprocess  # only here: 3-4 ms of a first call's imports, for a path forks skip
 
     return subprocess.Popen(
-        [sys.executable, "-c", _BOOT, str(conn_fd), str(slot_fd), _marshalled(sys.path)],
-        pass_fds=(conn_fd, slot_fd),
+        [sys.executable, "-c", _BOOT, *map(str, ends), _marshalled(sys.path)],
+        pass_fds=ends,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -135,9 +144,7 @@ def _marshalled(path: list[str]) -> str:
     return marshal.dumps([entry for entry in path if isinstance(entry, str)]).hex()
 
 
-def _fork(
-    conn_fd: int, slot_fd: int, parent_ends: Sequence[int], limits: dict[str, str]
-) -> WorkerProcess:
+def _fork(ends: ChildEnds, parent_ends: Sequence[int], limits: dict[str, str]) -> WorkerProcess:
     out_read, out_write = os.pipe()
     err_read, err_write = os.pipe()
     for stream in (sys.stdout, sys.stderr):  # or the child would print what is buffered twice
@@ -158,8 +165,7 @@ def _fork(
         raise
     if pid == 0:  # pragma: no cover - the child; covered by every test that forks a worker
         _become_worker(
-            conn_fd,
-            slot_fd,
+            ends,
             (out_write, err_write),
             closing=(out_read, err_read, *parent_ends),
             mask=mask,
@@ -173,8 +179,7 @@ def _fork(
 
 
 def _become_worker(
-    conn_fd: int,
-    slot_fd: int,
+    ends: ChildEnds,
     output: tuple[int, int],
     *,
     closing: tuple[int, ...],
@@ -202,7 +207,7 @@ def _become_worker(
         _reseed_numpy()
         from multitrack.backends._worker import run
 
-        run(conn_fd, slot_fd)
+        run(*ends)
         code = 0
     except BaseException:
         try:

@@ -398,16 +398,20 @@ def _rebind(fn: types.FunctionType, namespace: dict[str, Any]) -> types.Function
 
 
 def main() -> None:
-    """Entry point of a fresh interpreter: ``python -c BOOT CONN_FD SLOT_FD SYS_PATH`` (see
+    """Entry point of a fresh interpreter: ``python -c BOOT CONN SLOT STACKS SYS_PATH`` (see
     ``_start._BOOT``)."""
-    run(int(sys.argv[1]), int(sys.argv[2]))
+    run(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))
 
 
-def run(conn_fd: int, slot_fd: int) -> None:
+def run(conn_fd: int, slot_fd: int, stacks_fd: int) -> None:
     """Serve the parent on ``conn_fd`` until told to stop (a fresh interpreter's ``main`` and
     a forked child both end up here; see ``_start``)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     faulthandler.enable()
+    # On SIGUSR1 (sent just before a timed-out task's worker is killed) every thread's stack
+    # goes to the parent: written from a C signal handler, so even a task stuck in C code
+    # with the GIL held says where it is.
+    faulthandler.register(signal.SIGUSR1, file=stacks_fd, all_threads=True, chain=False)
     # Worker output is relayed line by line above the caller's progress bar: each line must
     # reach the pipe when it is written, or a worker killed (a crash, a timeout) loses it.
     # stdout is line-buffered, stderr unbuffered, as on a terminal; whatever started them.
