@@ -4,6 +4,7 @@ same options and the same failure policy. Each test runs on every backend."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import typing
 from collections.abc import Iterator
@@ -483,3 +484,18 @@ def test_a_constant_changed_between_pool_calls_reaches_the_workers(tmp_path: Any
         """,
     )
     assert lines == ["['net:1', 'net:2']", "['net:10', 'net:20']"]
+
+
+def test_a_stopped_map_hands_what_it_finished_to_the_exception() -> None:
+    with pytest.raises(mt.TaskError) as caught:
+        mt.map(functools.partial(faults.fail_on, bad=5), range(10), workers=1, chunksize=1)
+    finished = caught.value.results
+    assert isinstance(finished, dict) and 5 not in finished
+    assert set(range(5)) <= set(finished) and all(finished[i] == i for i in finished)
+    # Ctrl-C (with the serial backend a task's KeyboardInterrupt is the caller's own)
+    with pytest.raises(KeyboardInterrupt) as interrupted:
+        mt.map(faults.interrupt_on, range(6), backend="serial", chunksize=1)
+    assert interrupted.value.results == {0: 0, 1: 1, 2: 2}  # type: ignore[attr-defined]
+    with pytest.raises(mt.TaskError) as caught:
+        mt.map(faults.fail_on, range(10), workers=1, chunksize=1, ordered=False)
+    assert sorted(caught.value.results) == [0, 1, 2]  # type: ignore[arg-type]

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, TypedDict, TypeVar
 
 from multitrack import backends
 from multitrack._chunks import ChunkSizer
+from multitrack._errors import TaskError
 from multitrack._options import POOL_ONLY, Options, validate
 from multitrack._progress import Progress, make_progress
 from multitrack._run import Checkpoint, Policy, Run
@@ -350,14 +351,31 @@ class _Call:
 
 
 def _collect(run: Run) -> list[Any]:
-    """Every result of a run, in a list (``map``): gathered batch by batch, not one by one."""
-    results: list[Any] | None = None
-    for batch in run.batches():
-        if results is None:
-            results = batch  # the run's own list: kept, not copied
-        else:
-            results += batch
-    return [] if results is None else results
+    """Every result of a run, in a list (``map``): gathered batch by batch, not one by one.
+    A run stopped by a failure or Ctrl-C hands what it finished to the exception
+    (``.results``)."""
+    results: list[Any] = []
+    try:
+        for batch in run.batches():
+            if not results:
+                results = batch  # the run's own list: kept, not copied
+            else:
+                results += batch
+    except (TaskError, KeyboardInterrupt) as stopped:
+        stopped.results = _finished(results, run)  # type: ignore[union-attr]
+        raise
+    return results
+
+
+def _finished(released: list[Any], run: Run) -> dict[int, Any] | list[Any]:
+    """What a stopped run finished: ``{index: result}`` in input order, or a list in the
+    order tasks completed (``ordered=False``)."""
+    held = run.order.held()
+    if isinstance(held, list):
+        return released + held
+    finished = dict(enumerate(released))
+    finished.update(held)
+    return dict(sorted(finished.items()))
 
 
 def _prepare(

@@ -110,6 +110,10 @@ class TaskError(MultitrackError):
         task: the task's arguments: the item itself for a one-iterable ``map``, the tuple of
             arguments otherwise.
         attempts: how many times the task ran (1 unless ``retries`` re-ran it).
+        results: when this error stopped the call (``errors="raise"``), what the call had
+            finished: ``{index: result}`` in input order (a list in completion order with
+            ``ordered=False``); for ``imap``, the finished results not yielded yet. A
+            ``KeyboardInterrupt`` that stops a call carries the same ``results``.
 
     The original exception is ``__cause__``; its own ``__cause__`` carries the worker's
     traceback text.
@@ -122,6 +126,8 @@ class TaskError(MultitrackError):
         ...     print(err.index, type(err.__cause__).__name__)
         1 ZeroDivisionError
     """
+
+    results: dict[int, Any] | list[Any] | None = None
 
     def __init__(self, message: str, *, index: int, task: Any, attempts: int = 1) -> None:
         super().__init__(message)

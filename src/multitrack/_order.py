@@ -78,6 +78,14 @@ class Release:
         """Whether settled results wait to be released."""
         return bool(self._runs or self._ready)
 
+    def held(self) -> dict[int, Any] | list[Any]:
+        """The settled results not released yet: by index (ordered), or as they came."""
+        if not self.ordered:
+            return list(self._ready)
+        return {
+            first + k: value for first, run in self._runs.items() for k, value in enumerate(run)
+        }
+
     def held_indices(self) -> set[int]:
         """The indices of the results held (for invariant checks; ordered only)."""
         return {first + k for first, run in self._runs.items() for k in range(len(run))}

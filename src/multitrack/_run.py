@@ -124,8 +124,11 @@ class Run:
         try:
             for batch in batches:
                 yield from batch
-        except KeyboardInterrupt as interrupt:  # the user's own: show their line, not ours
-            raise interrupt.with_traceback(None) from None
+        except (TaskError, KeyboardInterrupt) as stopped:
+            stopped.results = self.order.held()  # type: ignore[union-attr]  # not yielded yet
+            if isinstance(stopped, KeyboardInterrupt):  # the user's own: their line, not ours
+                raise stopped.with_traceback(None) from None
+            raise
         finally:
             batches.close()  # an imap closed half-way stops its workers now, not at GC
 
