@@ -161,6 +161,9 @@ class RecordingProgress:
     def add_retried(self, n: int = 1) -> None:
         self.retried += n
 
+    def set_status(self, text: str | None) -> None:
+        self.status = text
+
     def set_total(self, total: int | None) -> None:
         self.total = total
 

@@ -88,6 +88,16 @@ class Ledger:
     def next_retry_at(self) -> float | None:
         return self._requeued[0][0] if self._requeued else None
 
+    def task_at(self, chunk_id: int, position: int) -> tuple[int, Any] | None:
+        """(index, arguments) of the task at ``position`` of a chunk in flight, if it is
+        still unsettled there."""
+        flight = self._flights.get(chunk_id)
+        if flight is None or not 0 <= position < len(flight.unreported):
+            return None
+        if not flight.unreported[position]:
+            return None
+        return flight.chunk.indices[position], flight.chunk.args[position]
+
     def attempts(self, index: int) -> int:
         """Runs of task ``index`` so far, counting the one just finished."""
         return self._failed_runs.get(index, 0) + 1

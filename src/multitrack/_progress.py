@@ -73,6 +73,7 @@ class Progress:
         self.failed = 0
         self.retried = 0
         self.reused = 0
+        self.status: str | None = None  # a word on what runs now ("task 17 running 45 s")
         self.closed = False
         self._clock = clock
 
@@ -87,6 +88,10 @@ class Progress:
     def add_retried(self, n: int = 1) -> None:
         """``n`` tasks are being run again."""
         self.retried += n
+
+    def set_status(self, text: str | None) -> None:
+        """Show ``text`` after the counts (``None``: nothing)."""
+        self.status = text
 
     def add_reused(self, n: int) -> None:
         """``n`` tasks were settled from a checkpoint's journal, not run: they count as
@@ -120,6 +125,8 @@ class Progress:
             parts.append(f"retried={self.retried}")
         if self.reused:
             parts.append(f"reused={self.reused}")
+        if self.status:
+            parts.append(self.status)
         return ", ".join(parts)
 
     def __enter__(self: _P) -> _P:
@@ -186,6 +193,11 @@ class TqdmProgress(Progress):
     def add_retried(self, n: int = 1) -> None:
         """``n`` tasks run again: shown as ``retried=N`` after the rate."""
         super().add_retried(n)
+        self._bar.set_postfix_str(self.postfix(), refresh=False)
+
+    def set_status(self, text: str | None) -> None:
+        """Show ``text`` after the rate."""
+        super().set_status(text)
         self._bar.set_postfix_str(self.postfix(), refresh=False)
 
     def add_reused(self, n: int) -> None:

@@ -45,6 +45,7 @@ from multitrack._ledger import MAX_BYSTANDER_REQUEUES, Ledger
 from multitrack._order import Release
 from multitrack._progress import NullProgress, Progress
 from multitrack._resume import Resume
+from multitrack._stuck import CHECK_EVERY, Watch
 from multitrack.backends._base import Backend, Chunk, Completed, GivenBack, Lost
 
 __all__ = ["MAX_BYSTANDER_REQUEUES", "Checkpoint", "Policy", "Run"]
@@ -114,6 +115,16 @@ class Run:
         self.first_failure: TaskError | None = None
         self.checkpoint = checkpoint
         self.resume: Resume | None = None  # the journal, once the call starts
+        self.watch = Watch(
+            backend,
+            self.ledger.task_at,
+            describe,
+            lambda: sizer.per_task,
+            lambda text: self.progress.write(text, stream="stderr"),
+            self.progress.set_status,
+            clock,
+        )
+        self.watching = False  # SIGUSR1 taken for the call (dump on demand)
         self.over = False  # set once the call has ended, however it ended
 
     # -- the loop -------------------------------------------------------------------------
@@ -136,6 +147,7 @@ class Run:
         """The results in lists, as they become releasable (what ``map`` collects)."""
         outcome: Literal["done", "error", "interrupted"] = "error"
         try:
+            self.watching = self.watch.install()
             self._open_journal()
             self.backend.begin(self.fn, self._output, timed=self.policy.timeout is not None)
             while True:
@@ -158,6 +170,7 @@ class Run:
                 if self.resume is not None:
                     self.resume.commit_due()
                 self._enforce_deadlines()
+                self.watch.step()
                 if self._due(self.progress.wakeup_in()):
                     self.progress.tick()
             outcome = "done"
@@ -181,6 +194,7 @@ class Run:
 
     def _shutdown(self, outcome: Literal["done", "error", "interrupted"]) -> None:
         self.over = True
+        self.watch.uninstall()
         aborted = outcome != "done"
         try:
             self.backend.end(abort=aborted)
@@ -236,6 +250,8 @@ class Run:
         retry_at = self.ledger.next_retry_at()
         if retry_at is not None and self.backend.capacity() > 0:
             waits.append(retry_at - self.clock())
+        if self.watching:
+            waits.append(CHECK_EVERY)  # a dump asked for by SIGUSR1 comes within a second
         known = [w for w in waits if w is not None]
         return max(0.0, min(known)) if known else None
 

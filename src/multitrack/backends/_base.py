@@ -182,6 +182,11 @@ class Backend(ABC):
         return the unstarted tasks of its chunk (``GivenBack`` event), so they can be shared.
         Backends that cannot do this ignore it."""
 
+    def stack(self, worker: int) -> str | None:
+        """What ``worker``'s task is doing now (its Python stack), without stopping it;
+        ``None`` where that cannot be known."""
+        return None
+
     def kill(self, worker: int) -> None:  # noqa: B027 - optional capability
         """Stop ``worker`` now; its chunks come back in a ``Lost(killed=True)`` event."""
 

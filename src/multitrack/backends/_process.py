@@ -198,6 +198,10 @@ class ProcessBackend(PooledBackend):
                 )
         return now_running
 
+    def stack(self, worker: int) -> str | None:
+        proc = self._procs.get(worker)
+        return None if proc is None else proc.stack()
+
     def kill(self, worker: int) -> None:
         proc = self._procs.get(worker)
         if proc is None:
