@@ -294,3 +294,14 @@ def logged_sleep(x: int, log_dir: str, seconds: float) -> int:
     time.sleep(seconds)
     _log_run(x, log_dir)
     return x * x
+
+
+def three_kinds_of_failure(x: int) -> int:
+    """Fails three ways: ValueError on multiples of 97, KeyError at 500, a crash at 700."""
+    if x == 700:
+        os.kill(os.getpid(), signal.SIGKILL)
+    if x == 500:
+        raise KeyError(x)
+    if x and x % 97 == 0:
+        raise ValueError(f"{x} is a multiple of 97")
+    return x

@@ -290,8 +290,12 @@ def test_failures_are_records_with_the_remote_traceback_and_a_summary(folder: Pa
     assert 'fns.py", line' in error["traceback"] and "raise ValueError" in error["traceback"]
     assert "multitrack/" not in error["traceback"]  # the user's frames only
     assert failed["attempts"] == 1 and isinstance(failed["seconds"], float)
-    assert "multitrack run: 1 of 2 tasks failed (ValueError x1)" in done.stderr
-    assert "Traceback" not in done.stderr
+    # the end-of-run report, as for the API (with its first traceback)
+    assert "1 ok · 1 failed (1 ValueError)" in done.stderr
+    assert "multitrack run: 1 of 2" not in done.stderr  # said once, not twice
+    quiet = run("fns.py:square", "1", "3", "-j", "2", "--progress", "none", cwd=folder)
+    assert "multitrack run: 1 of 2 tasks failed (ValueError x1)" in quiet.stderr
+    assert "Traceback" not in quiet.stderr
 
 
 def test_output_value_prints_strings_as_they_are(folder: Path) -> None:

@@ -257,7 +257,7 @@ def test_return_mode_keeps_failures_in_their_slots() -> None:
     error = results[1]
     assert isinstance(error, TaskError) and error.index == 1 and error.__cause__ is boom
     assert progress.failed == 1 and progress.done == 3
-    assert "1 of 3 tasks failed" in progress.lines[0]
+    assert "2 ok · 1 failed (1 ValueError)" in progress.lines[0]  # the end-of-run report
 
 
 def test_raise_mode_stops_at_first_failure_and_aborts_workers() -> None:

@@ -21,6 +21,7 @@ from multitrack._chunks import ChunkSizer
 from multitrack._errors import TaskError
 from multitrack._options import POOL_ONLY, Options, validate
 from multitrack._progress import Progress, make_progress
+from multitrack._report import Report
 from multitrack._run import Checkpoint, Policy, Run
 from multitrack.backends._base import Backend
 from multitrack.backends._wire import Spread
@@ -67,6 +68,7 @@ class CallOptions(TypedDict, total=False):
     checkpoint: str | os.PathLike[str] | None
     key: Callable[[Any], Any] | None
     on_change: str
+    report: bool | str | os.PathLike[str] | Callable[[Report], Any] | None
 
 
 class PoolOptions(CallOptions, total=False):
@@ -147,7 +149,7 @@ def imap(
         4
     """
     call = _prepare("imap", fn, iterables, options, star=False)
-    return iter(call.start(max_ahead=MAX_AHEAD))
+    return Results(call.start(max_ahead=MAX_AHEAD))
 
 
 @_short_interrupts
@@ -232,7 +234,7 @@ class Pool:
         self, fn: Callable[..., Any], *iterables: Iterable[Any], **options: Unpack[CallOptions]
     ) -> Iterator[Any]:
         """``multitrack.imap`` on this pool's workers."""
-        return iter(self._start("imap", fn, iterables, options, star=False, max_ahead=MAX_AHEAD))
+        return Results(self._start("imap", fn, iterables, options, star=False, max_ahead=MAX_AHEAD))
 
     @_short_interrupts
     def starmap(
@@ -295,6 +297,32 @@ class Pool:
             backend.close(kill=True)
 
 
+class Results(Iterator[Any]):
+    """What ``imap`` returns: the results as they come, and ``report``, the call's
+    end-of-run report (complete once the iteration ended). ``close()`` stops the workers.
+
+    Example:
+        >>> import multitrack as mt
+        >>> results = mt.imap(abs, [-1, -2], progress=False)
+        >>> list(results), results.report.succeeded
+        ([1, 2], 2)
+    """
+
+    def __init__(self, run: Run) -> None:
+        self.report = run.report
+        self._results = iter(run)
+
+    def __iter__(self) -> Results:
+        return self
+
+    def __next__(self) -> Any:
+        return next(self._results)
+
+    def close(self) -> None:
+        """Stop the call now (its workers with it); what was not yielded is dropped."""
+        self._results.close()  # type: ignore[attr-defined]
+
+
 _live_pools: weakref.WeakSet[Pool] = weakref.WeakSet()
 
 
@@ -341,6 +369,8 @@ class _Call:
             checkpoint=None
             if opts.checkpoint is None
             else Checkpoint(opts.checkpoint, opts.key, opts.on_change),
+            report=opts.report,
+            backend_name=opts.backend,
         )
 
     def _cap(self) -> int | None:

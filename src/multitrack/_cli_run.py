@@ -7,7 +7,8 @@ What one run does::
         ─▶ check the first input against the signature (exit 2)      nothing has started yet
         ─▶ --dry-run: print the calls, exit 0
         ─▶ mt.imap(Job, tasks, errors="return"|"raise", ...) ─▶ Records (stdout), Joblog
-        ─▶ summary (stderr), exit 0 all succeeded / 1 some task failed
+        ─▶ the end-of-run report (stderr; with --progress none, a one-line summary of the
+           failures instead), exit 0 all succeeded / 1 some task failed
 
 Ordering, retries, timeouts, the bar and the fault model are the library's: the command is
 ``mt.imap`` over ``_cli_calls.Task`` objects, with ``_cli_calls.Job`` timing each call in the
@@ -543,7 +544,7 @@ class _Execution:
             if joblog:
                 joblog.close()
         summary = records.summary()
-        if summary:
+        if summary and args.progress == "none":  # else the library's end-of-run report says it
             print(summary, file=sys.stderr)
         if self.halted:
             print(

@@ -52,6 +52,7 @@ class Options:
     checkpoint: str | os.PathLike[str] | None = None  # the journal: finished tasks kept there
     key: Callable[[Any], Any] | None = None  # what names a task in the journal
     on_change: str = "keep"  # the function changed since the journal was written
+    report: Any = None  # the end-of-run report: when printed, where else it goes
     address: str | None = None  # dask/ray: the cluster to attach to
     client: Any = None  # dask: an existing distributed.Client
     # Not an option: ``workers`` was left to its default, so a backend attaching to an
@@ -210,6 +211,14 @@ def _path(name: str, value: Any) -> str | os.PathLike[str] | None:
     return value
 
 
+def _report(name: str, value: Any) -> Any:
+    if value is None or isinstance(value, bool | str | os.PathLike) or callable(value):
+        return value
+    raise TypeError(
+        f"{name} must be True, False, a path (for JSON) or a callable, got {type(value).__name__}"
+    )
+
+
 def _address(name: str, value: Any) -> str | None:
     if value is not None and (not isinstance(value, str) or not value.strip()):
         raise TypeError(f"{name} must be a cluster address string, got {value!r}")
@@ -250,6 +259,7 @@ OPTIONS: dict[str, Option] = {
     "checkpoint": Option(_path),
     "key": Option(_callable),
     "on_change": Option(_choice_of(ON_CHANGE)),
+    "report": Option(_report),
     "initializer": Option(_callable, pool=True),
     "initargs": Option(_initargs, pool=True),
     "max_tasks_per_worker": Option(_optional_positive, pool=True, needs="max_tasks_per_worker"),

@@ -43,7 +43,8 @@ from multitrack._chunks import ChunkSizer
 from multitrack._errors import TaskError, TaskTimeout, WorkerCrashed, task_label
 from multitrack._ledger import MAX_BYSTANDER_REQUEUES, Ledger
 from multitrack._order import Release
-from multitrack._progress import NullProgress, Progress
+from multitrack._progress import LogProgress, NullProgress, Progress
+from multitrack._report import Report, function_name
 from multitrack._resume import Resume
 from multitrack._stuck import CHECK_EVERY, Watch
 from multitrack.backends._base import Backend, Chunk, Completed, GivenBack, Lost
@@ -59,6 +60,11 @@ class Policy:
     retries: int = 0
     retry_delay: float = 0.0  # seconds before a retry, doubled on each further attempt
     timeout: float | None = None
+
+
+#: ``report=``: None (printed when worth it), True/False (always/never printed), a path (also
+#: written there as JSON), or a callable (also given the ``Report``)
+ReportOption = bool | str | os.PathLike[str] | Callable[[Report], Any] | None
 
 
 @dataclass
@@ -89,6 +95,8 @@ class Run:
         max_ahead: int | None,
         owns_backend: bool,
         checkpoint: Checkpoint | None = None,
+        report: ReportOption = None,
+        backend_name: str = "process",
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.backend = backend
@@ -112,7 +120,6 @@ class Run:
         self.exhausted = False
         self.ledger = Ledger()  # where every unsettled task is
         self.order = Release(ordered=ordered)  # settled results until they are released
-        self.first_failure: TaskError | None = None
         self.checkpoint = checkpoint
         self.resume: Resume | None = None  # the journal, once the call starts
         self.watch = Watch(
@@ -125,6 +132,11 @@ class Run:
             clock,
         )
         self.watching = False  # SIGUSR1 taken for the call (dump on demand)
+        self.report = Report(function_name(fn), backend_name, backend.slots, total=total)
+        self.report_option = report
+        self.started_at = clock()
+        self.last_sent_at = self.started_at
+        self.startup_before = getattr(backend, "startup_seconds", 0.0)
         self.over = False  # set once the call has ended, however it ended
 
     # -- the loop -------------------------------------------------------------------------
@@ -205,9 +217,30 @@ class Run:
                 if self.resume is not None:
                     self.resume.close()  # everything finished is stored, however it ended
             finally:
-                if self.first_failure is not None and not aborted:
-                    self._summarize_failures()
                 self.progress.close(outcome)
+                self._finish_report(outcome)
+
+    def _finish_report(self, outcome: str) -> None:
+        """Complete the report; print it after the bar's last line when it is worth it (a
+        long run, failures, or status lines), hand it to ``report=``."""
+        report, option = self.report, self.report_option
+        now = self.clock()
+        report.outcome = outcome
+        report.seconds = now - self.started_at
+        report.total = self.progress.total
+        report.tail_seconds = max(0.0, now - self.last_sent_at)
+        report.startup_seconds = getattr(self.backend, "startup_seconds", 0.0) - self.startup_before
+        log_mode = isinstance(self.progress, LogProgress)
+        silent = isinstance(self.progress, NullProgress)
+        if option is True or (
+            option is not False and not silent and report.worth_printing(log_mode=log_mode)
+        ):
+            self.progress.write(str(report) + "\n", stream="stderr")
+        if isinstance(option, str | os.PathLike):
+            with open(option, "w", encoding="utf-8") as file:
+                file.write(report.to_json())
+        elif callable(option):
+            option(report)
 
     def _open_journal(self) -> None:
         spec = self.checkpoint
@@ -267,6 +300,7 @@ class Run:
             if chunk is None:
                 return
             sent = self.backend.submit(chunk)
+            self.last_sent_at = self.clock()
             if sent is not None:
                 self.sizer.observe_sent(len(chunk.indices), sent)
 
@@ -308,6 +342,7 @@ class Run:
                 self.order.store_one(index, value)
             if reused:
                 self.progress.add_reused(len(reused))
+                self.report.reused += len(reused)
             if todo or not fresh:
                 return indices, todo
             fresh = self._pull(wanted)
@@ -344,6 +379,10 @@ class Run:
         else:
             self.order.store(chunk.indices, first, values)
         done = len(values) - len(errors)
+        self.report.completed(done, event.busy_seconds, event.worker)
+        if len(chunk.indices) == 1 and done:  # a task alone in its chunk: its own time
+            index = chunk.indices[first]
+            self.report.timed_alone(index, self.describe(chunk.args[first]), event.busy_seconds)
         if done:
             self.progress.advance(done)
             if not errors:
@@ -398,6 +437,7 @@ class Run:
             delay = self.policy.retry_delay * 2 ** (attempts - 1)
             self.ledger.retry(index, args, self.clock() + delay)
             self.progress.add_retried()
+            self.report.retried += 1
             return
         if isinstance(cause, TaskError):
             error = cause
@@ -405,10 +445,9 @@ class Run:
         else:
             task = self.describe(args)
             error = TaskError.from_cause(cause, index=index, task=task, attempts=attempts)
-        if self.first_failure is None:
-            self.first_failure = error
         if self.resume is not None:
             self.resume.record_failure(index, error)
+        self.report.failed_for_good(error)
         self.progress.add_failed()
         self.progress.advance(1)
         if self.policy.errors == "raise":
@@ -429,14 +468,3 @@ class Run:
 
     def _output(self, text: str, stream: str) -> None:
         self.progress.write(text, stream="stderr" if stream == "stderr" else "stdout")
-
-    def _summarize_failures(self) -> None:
-        """One line after the bar's last (not with the bar off: ``progress=False`` is
-        silence; the failures are in the results)."""
-        if isinstance(self.progress, NullProgress):
-            return
-        self.progress.write(
-            f"multitrack: {self.progress.failed} of {self.progress.completed} tasks failed; "
-            f"their results hold TaskError. First: {self.first_failure}\n",
-            stream="stderr",
-        )

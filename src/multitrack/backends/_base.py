@@ -52,6 +52,7 @@ class Completed:
     values: list[Any]
     errors: dict[int, BaseException]
     busy_seconds: float
+    worker: int = -1  # which worker ran them, where the backend knows (for the report)
 
     @classmethod
     def failure(cls, chunk_id: int, position: int, error: BaseException) -> Completed:

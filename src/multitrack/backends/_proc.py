@@ -95,6 +95,8 @@ class WorkerHandle:
         os.set_blocking(stacks, False)
         self.boot_deadline = boot_deadline
         self.forked = forked
+        self.spawned_at = time.monotonic()
+        self.ready_after: float | None = None  # seconds from its start to READY
         self.state = State.BOOTING
         self.chunks: dict[int, _Held] = {}
         self.asked_to_give_back: set[int] = set()  # chunks asked back and not yet accounted for
@@ -221,6 +223,7 @@ class WorkerHandle:
             self.state = State.INITIALIZING
         elif tag == P.READY:
             self.state = State.READY
+            self.ready_after = time.monotonic() - self.spawned_at
         elif tag == P.START_ERROR:
             cause = _wire.unpack_error(message[1])
             raise WorkerStartError(
@@ -246,7 +249,7 @@ class WorkerHandle:
             return
         raised = {offset: _wire.unpack_error(packed) for offset, packed in errors.items()}
         self.tasks_done += len(values)
-        events.append(Completed(chunk_id, first, values, raised, busy))
+        events.append(Completed(chunk_id, first, values, raised, busy, self.key))
         self._account(chunk_id, len(values))
 
     def _on_given_back(self, events: list[Event], chunk_id: int, position: int) -> None:

@@ -111,6 +111,7 @@ class ProcessBackend(PooledBackend):
         self._output: Output = print_through
         self._active = False
         self._closed = False
+        self.startup_seconds = 0.0  # workers' time from their start to READY, in all
         self._thread_limits = thread_limits(workers)
         start_method()  # a bad MULTITRACK_START_METHOD fails here, before any worker starts
         _live_backends.add(self)
@@ -254,9 +255,12 @@ class ProcessBackend(PooledBackend):
         proc.flush()
         if not readable:
             return
+        starting = proc.ready_after is None
         if not proc.receive(self._events):
             self._collect(proc, report=True)
             return
+        if starting and proc.ready_after is not None:
+            self.startup_seconds += proc.ready_after
         self._send_function(proc)  # it may have become ready with an earlier call's function
         if proc.state is State.READY and not proc.chunks and self._quota_left(proc) <= 0:
             proc.retire()

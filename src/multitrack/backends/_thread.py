@@ -205,5 +205,5 @@ class ThreadBackend(PooledBackend):
                 if worker.is_abandoned():
                     return
             worker.current = None
-            done = Completed(chunk.id, 0, values, errors, clock() - begun)
+            done = Completed(chunk.id, 0, values, errors, clock() - begun, worker.key)
             self._outbox.put(("done", worker.key, call, done))

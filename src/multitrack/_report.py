@@ -1,0 +1,304 @@
+"""The end-of-run report: what a call did, where its time went, what failed and why.
+
+``Report`` is fed by the scheduler (``_run.Run``) as events arrive and keeps fixed-size
+aggregates only (counters, a top-5 heap, one group per failure kind with its first traceback
+and at most ``KEEP_INDICES`` indices), so its memory does not grow with the number of tasks and
+its cost is a few operations per chunk::
+
+    Completed span ──▶ completed(count, busy, worker)   (+ slowest, for a task timed alone)
+    final failure  ──▶ failed(error)    grouped by (type, innermost frame of the user's code)
+    retry / reuse  ──▶ counters
+    end of call    ──▶ finish(outcome) ──▶ printed (10 s or more, failures, or log mode),
+                                           given to report=, kept on the imap iterator
+
+Times come from the workers' own measurements (the busy time of each chunk), so "tasks' own
+work" is what the function cost, and the rest of the workers' time (start-up, waiting for
+work, the tail where some workers had nothing left) is the price of running in parallel.
+A task is timed alone only when its chunk held just it: automatic chunk sizes give a chunk of
+its own to any task over about 0.1 s, so the slowest tasks are the ones measured.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from multitrack._errors import (
+    RemoteError,
+    RemoteTraceback,
+    TaskError,
+    TaskTimeout,
+    WorkerCrashed,
+)
+
+KEEP_INDICES = 20  # indices kept per failure group (the count is exact)
+SLOWEST = 5
+PRINT_AFTER = 10.0  # seconds: a run this long prints its report even without failures
+_FRAME = re.compile(r'File "([^"]+)", line (\d+),? in (\S+)')  # tracebacks and faulthandler
+
+
+@dataclass
+class FailureGroup:
+    """Failures of one kind at one place: ``count`` of them, the first in full."""
+
+    kind: str  # exception type
+    where: str  # innermost frame of the user's code: "job.py:12 in load"
+    message: str
+    first_index: int
+    first_task: str
+    traceback: str
+    count: int = 0
+    indices: list[int] = field(default_factory=list)  # at most KEEP_INDICES
+
+
+@dataclass
+class Report:
+    """What one call did. ``str(report)`` is the text printed at the end of a run;
+    ``report.to_json()`` the same as data.
+
+    Example:
+        >>> import multitrack as mt
+        >>> it = mt.imap(abs, [-1, -2, 3], progress=False)
+        >>> list(it), it.report.succeeded, it.report.failed
+        ([1, 2, 3], 3, 0)
+    """
+
+    function: str
+    backend: str
+    workers: int
+    total: int | None = None
+    seconds: float = 0.0
+    outcome: str = "running"
+    succeeded: int = 0
+    failed: int = 0
+    failed_by_kind: Counter[str] = field(default_factory=Counter)
+    retried: int = 0
+    reused: int = 0
+    busy_seconds: float = 0.0  # the tasks' own time, measured in the workers
+    busy_by_worker: dict[int, float] = field(default_factory=dict)
+    tasks_by_worker: Counter[int] = field(default_factory=Counter)
+    startup_seconds: float = 0.0
+    tail_seconds: float = 0.0  # from the last task sent to the last result
+    groups: dict[tuple[str, str], FailureGroup] = field(default_factory=dict)
+    _slowest: list[tuple[float, int, str]] = field(default_factory=list, repr=False)
+
+    # -- fed by the scheduler ----------------------------------------------------------------
+
+    def completed(self, succeeded: int, busy: float, worker: int) -> None:
+        self.succeeded += succeeded
+        self.busy_seconds += busy
+        if worker >= 0:
+            self.busy_by_worker[worker] = self.busy_by_worker.get(worker, 0.0) + busy
+            self.tasks_by_worker[worker] += succeeded
+
+    def timed_alone(self, index: int, task: Any, seconds: float) -> None:
+        """Task ``index`` ran alone in ``seconds``: a candidate for the slowest."""
+        entry = (seconds, index, _short(task))
+        if len(self._slowest) < SLOWEST:
+            heapq.heappush(self._slowest, entry)
+        elif seconds > self._slowest[0][0]:
+            heapq.heapreplace(self._slowest, entry)
+
+    def failed_for_good(self, error: TaskError) -> None:
+        self.failed += 1
+        kind = _kind(error)
+        self.failed_by_kind[kind] += 1
+        tb_text = _traceback_text(error)
+        where, message = _where_and_what(error, tb_text)
+        group = self.groups.get((kind, where))
+        if group is None:
+            group = self.groups[(kind, where)] = FailureGroup(
+                kind, where, message, error.index, _short(error.task), tb_text
+            )
+        group.count += 1
+        if len(group.indices) < KEEP_INDICES:
+            group.indices.append(error.index)
+
+    # -- the end ---------------------------------------------------------------------------
+
+    @property
+    def slowest(self) -> list[tuple[float, int, str]]:
+        """(seconds, index, input) of the slowest tasks timed alone, the slowest first."""
+        return sorted(self._slowest, reverse=True)
+
+    def worth_printing(self, *, log_mode: bool) -> bool:
+        return self.failed > 0 or log_mode or self.seconds >= PRINT_AFTER
+
+    def to_json(self) -> str:
+        """The report as JSON (``report="run.json"`` writes it there)."""
+        data = {
+            "function": self.function,
+            "backend": self.backend,
+            "workers": self.workers,
+            "total": self.total,
+            "seconds": round(self.seconds, 3),
+            "outcome": self.outcome,
+            "succeeded": self.succeeded,
+            "failed": self.failed,
+            "failed_by_kind": dict(self.failed_by_kind),
+            "retried": self.retried,
+            "reused": self.reused,
+            "busy_seconds": round(self.busy_seconds, 3),
+            "busy_by_worker": {str(k): round(v, 3) for k, v in self.busy_by_worker.items()},
+            "tasks_by_worker": {str(k): v for k, v in self.tasks_by_worker.items()},
+            "startup_seconds": round(self.startup_seconds, 3),
+            "tail_seconds": round(self.tail_seconds, 3),
+            "failures": [
+                {
+                    "type": g.kind,
+                    "where": g.where,
+                    "message": g.message,
+                    "count": g.count,
+                    "first_index": g.first_index,
+                    "first_input": g.first_task,
+                    "indices": g.indices,
+                    "traceback": g.traceback,
+                }
+                for g in self.groups.values()
+            ],
+            "slowest": [
+                {"index": i, "seconds": round(s, 3), "input": t} for s, i, t in self.slowest
+            ],
+        }
+        return json.dumps(data, indent=2)
+
+    def __str__(self) -> str:
+        return "\n".join(self._lines())
+
+    def _lines(self) -> list[str]:
+        count = f"{self.succeeded + self.failed + self.reused:,}"
+        ended = "" if self.outcome == "done" else f", {self.outcome}"
+        lines = [
+            f"multitrack: {self.function} x {count} in {_duration(self.seconds)} on "
+            f"{self.workers} workers ({self.backend}){ended}"
+        ]
+        kinds = ", ".join(f"{n} {kind}" for kind, n in self.failed_by_kind.most_common())
+        failed = f"{self.failed:,} failed ({kinds})" if self.failed else "0 failed"
+        lines.append(
+            f"  {self.succeeded:,} ok · {failed} · {self.retried:,} retried · "
+            f"{self.reused:,} reused"
+        )
+        lines.append("  " + self._time_line())
+        if len(self.busy_by_worker) > 1:
+            lines.append("  " + self._workers_line())
+        for group in sorted(self.groups.values(), key=lambda g: -g.count):
+            more = sorted(i for i in group.indices if i != group.first_index)
+            also = f"; also {', '.join(map(str, more))}" if more else ""
+            if group.count > len(group.indices):
+                also += ", ..."
+            at = f"  at {group.where}" if " in " in group.where else ""  # a crash has no place
+            lines.append(
+                f"  {group.count}x {group.kind}: {group.message}{at}  "
+                f"first task {group.first_index} (input {group.first_task}){also}"
+            )
+        if self.groups:
+            first = min(self.groups.values(), key=lambda g: g.first_index)
+            lines.append(f"  first failure's traceback (task {first.first_index}):")
+            lines.extend("    " + line for line in first.traceback.rstrip().splitlines())
+        if self.slowest:
+            slow = " · ".join(f"task {i} {s:.1f} s ({t})" for s, i, t in self.slowest)
+            lines.append(f"  slowest: {slow}")
+        return lines
+
+    def _time_line(self) -> str:
+        capacity = self.seconds * self.workers
+        share = f" ({self.busy_seconds / capacity:.0%} of the workers' time)" if capacity else ""
+        return (
+            f"time: tasks' own work {_duration(self.busy_seconds)}{share} · start-up "
+            f"{_duration(self.startup_seconds)} · tail {_duration(self.tail_seconds)}"
+        )
+
+    def _workers_line(self) -> str:
+        parts = []
+        busiest = sorted(self.busy_by_worker, key=lambda w: -self.busy_by_worker[w])[:8]
+        for worker in sorted(busiest):
+            busy = self.busy_by_worker[worker]
+            share = f"{busy / self.seconds:.0%}" if self.seconds else "?"
+            parts.append(f"#{worker} {share} ({self.tasks_by_worker[worker]:,} tasks)")
+        return "workers: " + " · ".join(parts)
+
+
+def _kind(error: TaskError) -> str:
+    if type(error) is not TaskError:
+        return type(error).__name__  # WorkerCrashed, TaskTimeout
+    cause = error.__cause__
+    if isinstance(cause, RemoteError):
+        return cause.type_name
+    return type(cause).__name__ if cause is not None else "TaskError"
+
+
+def _traceback_text(error: TaskError) -> str:
+    cause = error.__cause__
+    remote = cause.__cause__ if cause is not None else None
+    if isinstance(remote, RemoteTraceback):
+        return remote.text
+    if isinstance(cause, RemoteError) and cause.traceback_text:
+        return cause.traceback_text
+    stack = getattr(error, "stack", None)
+    if stack:
+        return str(stack)
+    return str(error)
+
+
+def _where_and_what(error: TaskError, tb_text: str) -> tuple[str, str]:
+    """Where a failure happened and what it says, short: a crash by its signal or exit
+    code, anything else by the innermost frame of the user's code."""
+    if isinstance(error, WorkerCrashed):
+        how = f"killed by {error.signal}" if error.signal else f"exited with {error.exitcode}"
+        return how, f"its worker was {how}" if error.signal else f"its worker {how}"
+    if isinstance(error, TaskTimeout):
+        return _innermost_user_frame(tb_text), "timed out"
+    cause = error.__cause__ if error.__cause__ is not None else error
+    return _innermost_user_frame(tb_text), _short(str(cause))
+
+
+def _innermost_user_frame(tb_text: str) -> str:
+    """``"job.py:12 in load"``: the last frame of a traceback that is not multitrack's own nor
+    Python's standard library (else the last frame, else ``"?"``)."""
+    frames = _FRAME.findall(tb_text)
+    for path, line, name in reversed(frames):
+        normal = path.replace("\\", "/")
+        if "/multitrack/" in normal or ("/lib/python3" in normal and "site-packages" not in normal):
+            continue
+        return f"{normal.rsplit('/', 1)[-1]}:{line} in {name}"
+    if frames:
+        path, line, name = frames[-1]
+        return f"{path.replace(chr(92), '/').rsplit('/', 1)[-1]}:{line} in {name}"
+    return "?"
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    try:
+        text = value if isinstance(value, str) else repr(value)
+    except Exception:
+        text = f"<{type(value).__name__}>"
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+
+
+def function_name(fn: Any) -> str:
+    """How the report names the function (``Spread`` and ``partial`` unwrapped).
+
+    Example:
+        >>> import functools
+        >>> function_name(functools.partial(round, ndigits=1))
+        'round'
+    """
+    for _ in range(8):
+        inner = getattr(fn, "func", None) or getattr(fn, "fn", None)
+        if inner is None or inner is fn:
+            break
+        fn = inner
+    return str(getattr(fn, "__qualname__", None) or type(fn).__qualname__)
