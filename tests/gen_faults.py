@@ -44,6 +44,10 @@ class Plan:
             shown = type(payload).__name__ + "()"
         return f"Plan({self.tag}, {self.kind!r}, {self.arg!r}, {shown})"
 
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        """Hypothesis prints a failing example with this (a 4 MB payload stays short)."""
+        printer.text(repr(self))
+
 
 def value_of(plan: Plan) -> Any:
     """What ``act(plan)`` returns when it succeeds: the tag, and the payload's size."""

@@ -40,3 +40,29 @@ def test_unpicklable_result_next_to_crashing_tasks_is_not_blamed_for_their_crash
     results = mt.map(act, plans, workers=1, chunksize=2, retries=1, errors="return")
     assert [type(r) for r in results] == [mt.WorkerCrashed, mt.TaskError, mt.WorkerCrashed]
     assert "could not be pickled" in str(results[1]) and results[1].attempts == 2
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: when the last item of a chunk resent one by one (after its arguments failed to "
+    "unpickle) fails to unpickle too, the chunk held back behind it is never sent: map hangs",
+)
+def test_chunk_split_after_an_unpickling_failure_releases_the_chunk_held_back_behind_it() -> None:
+    inputs = [1, faults.FailsToUnpickle(), BIG]
+    results = mt.map(faults.type_name, inputs, workers=1, chunksize=2, errors="return")
+    assert results[0] == "int" and isinstance(results[1], mt.TaskError)
+    assert results[2] == "bytes"
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: with retries, a task that crashes its worker is reported with the signal or "
+    "exit code of another task's crash (blamed for it as a suspect of a block)",
+)
+def test_each_crash_is_reported_with_its_own_signal_and_exit_code_after_retries() -> None:
+    plans = [Plan(0, "sigkill"), Plan(1, "os_exit", 7)]
+    results = mt.map(act, plans, workers=1, chunksize=2, retries=2, errors="return")
+    crashes = [(type(r), r.signal, r.exitcode, r.attempts) for r in results]
+    assert crashes == [(mt.WorkerCrashed, "SIGKILL", None, 3), (mt.WorkerCrashed, None, 7, 3)]
