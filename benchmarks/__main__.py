@@ -73,7 +73,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
         "--contenders",
         default=",".join(DEFAULT),
         help=(
-            f"comma-separated, from {', '.join(CONTENDERS)} (default: all but mt-track; "
+            f"comma-separated, from {', '.join(CONTENDERS)} (default: all but mt-track and "
+            f"multitrack-checkpoint; "
             f"the cluster backends multitrack-ray and multitrack-dask run on "
             f"{','.join(CLUSTER_WORKLOADS)} only, at most {CLUSTER_MAX_RUNS} runs each)"
         ),

@@ -184,6 +184,21 @@ def _timed_warm_pool(fn: Fn, items: list[Any], workers: int) -> tuple[float, lis
     return elapsed, results
 
 
+def _multitrack_checkpoint(fn: Fn, items: list[Any], workers: int) -> list[Any]:
+    """``mt.map`` writing a fresh journal: what ``checkpoint=`` costs a run that stores every
+    result (the journal and its folder are removed after the call, untimed cleanup aside)."""
+    import shutil
+    import tempfile
+
+    import multitrack as mt
+
+    folder = tempfile.mkdtemp(prefix="mt-bench-journal-")
+    try:
+        return mt.map(fn, items, workers=workers, checkpoint=f"{folder}/run.sqlite")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def _mt_track(fn: Fn, items: list[Any], workers: int) -> list[Any]:
     import multitrack as mt
 
@@ -344,6 +359,15 @@ _ALL = (
         notes=("reused pool: start-up excluded, so not comparable with the other rows",),
     ),
     Contender(
+        "multitrack-checkpoint",
+        'mt.map(fn, items, workers=N, checkpoint="run.sqlite")  # a fresh journal each run',
+        "as multitrack",
+        (*_MULTITRACK_MODULES, "multitrack._checkpoint", "multitrack._keys", "sqlite3"),
+        _multitrack_checkpoint,
+        peer=False,
+        notes=("every result stored in a new SQLite journal: the cost of checkpoint=",),
+    ),
+    Contender(
         "mt-track",
         "mt.track_parallel_progress(fn, items, N)  # the mmengine drop-in",
         "mmengine-style bar on stdout (terminal); whole lines otherwise",
@@ -465,5 +489,6 @@ _ALL = (
 )
 
 CONTENDERS: dict[str, Contender] = {c.name: c for c in _ALL}
-#: run unless ``--contenders`` says otherwise (mt-track is on request: it is multitrack's engine)
-DEFAULT = tuple(name for name in CONTENDERS if name != "mt-track")
+#: run unless ``--contenders`` says otherwise (mt-track and multitrack-checkpoint are on request:
+#: they are multitrack's engine, measured for what they add)
+DEFAULT = tuple(name for name in CONTENDERS if name not in ("mt-track", "multitrack-checkpoint"))
