@@ -111,7 +111,13 @@ def add_arguments(run: argparse.ArgumentParser) -> None:
         "or a path to a .py file, then a colon and the function's name",
     )
     run.add_argument("inputs", nargs="*", metavar="INPUT", help="inputs, one per call")
-    source = run.add_argument_group("inputs")
+    _add_inputs(run.add_argument_group("inputs"))
+    _add_running(run.add_argument_group("running"))
+    _add_output(run.add_argument_group("output"))
+    run.set_defaults(parser=run)
+
+
+def _add_inputs(source: argparse._ArgumentGroup) -> None:
     source.add_argument(
         "-a",
         "--arg-file",
@@ -149,7 +155,9 @@ def add_arguments(run: argparse.ArgumentParser) -> None:
         metavar="NAME=VALUE",
         help="bind NAME=VALUE for every call (converted like an input); repeatable",
     )
-    running = run.add_argument_group("running")
+
+
+def _add_running(running: argparse._ArgumentGroup) -> None:
     running.add_argument(
         "-j",
         "--jobs",
@@ -212,7 +220,9 @@ def add_arguments(run: argparse.ArgumentParser) -> None:
         action="store_true",
         help="print the calls that would run, one per line, and start nothing",
     )
-    output = run.add_argument_group("output")
+
+
+def _add_output(output: argparse._ArgumentGroup) -> None:
     output.add_argument(
         "--output",
         choices=OUTPUTS,
@@ -232,7 +242,6 @@ def add_arguments(run: argparse.ArgumentParser) -> None:
         help="write GNU parallel's joblog (TSV: Seq Host Starttime JobRuntime Send Receive "
         "Exitval Signal Command) to FILE",
     )
-    run.set_defaults(parser=run)
 
 
 # -- argparse types ---------------------------------------------------------------------------

@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import heapq
 import json
+import os
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +36,7 @@ from multitrack._errors import (
     TaskTimeout,
     WorkerCrashed,
 )
+from multitrack._progress import LogProgress, NullProgress, Progress
 
 KEEP_INDICES = 20  # indices kept per failure group (the count is exact)
 SLOWEST = 5
@@ -119,6 +122,12 @@ class Report:
             group.indices.append(error.index)
 
     # -- the end ---------------------------------------------------------------------------
+
+    def finish(
+        self, outcome: str, *, seconds: float, total: int | None, tail: float, startup: float
+    ) -> None:
+        self.outcome, self.seconds, self.total = outcome, seconds, total
+        self.tail_seconds, self.startup_seconds = tail, startup
 
     @property
     def slowest(self) -> list[tuple[float, int, str]]:
@@ -220,6 +229,26 @@ class Report:
             share = f"{busy / self.seconds:.0%}" if self.seconds else "?"
             parts.append(f"#{worker} {share} ({self.tasks_by_worker[worker]:,} tasks)")
         return "workers: " + " · ".join(parts)
+
+
+#: ``report=``: None (printed when worth it), True/False (always/never printed), a path (also
+#: written there as JSON), or a callable (also given the ``Report``)
+ReportOption = bool | str | os.PathLike[str] | Callable[[Report], Any] | None
+
+
+def deliver(report: Report, option: ReportOption, progress: Progress) -> None:
+    """Print ``report`` after the bar's last line when it is worth it (a long run, failures,
+    or status lines; never with the bar off unless ``report=True``), and hand it to
+    ``report=``."""
+    silent = isinstance(progress, NullProgress)
+    worth = report.worth_printing(log_mode=isinstance(progress, LogProgress))
+    if option is True or (option is not False and not silent and worth):
+        progress.write(str(report) + "\n", stream="stderr")
+    if isinstance(option, str | os.PathLike):
+        with open(option, "w", encoding="utf-8") as file:
+            file.write(report.to_json())
+    elif callable(option):
+        option(report)
 
 
 def _kind(error: TaskError) -> str:

@@ -43,8 +43,8 @@ from multitrack._chunks import ChunkSizer
 from multitrack._errors import TaskError, TaskTimeout, WorkerCrashed, task_label
 from multitrack._ledger import MAX_BYSTANDER_REQUEUES, Ledger
 from multitrack._order import Release
-from multitrack._progress import LogProgress, NullProgress, Progress
-from multitrack._report import Report, function_name
+from multitrack._progress import Progress
+from multitrack._report import Report, ReportOption, deliver, function_name
 from multitrack._resume import Resume
 from multitrack._stuck import CHECK_EVERY, Watch
 from multitrack.backends._base import Backend, Chunk, Completed, GivenBack, Lost
@@ -60,11 +60,6 @@ class Policy:
     retries: int = 0
     retry_delay: float = 0.0  # seconds before a retry, doubled on each further attempt
     timeout: float | None = None
-
-
-#: ``report=``: None (printed when worth it), True/False (always/never printed), a path (also
-#: written there as JSON), or a callable (also given the ``Report``)
-ReportOption = bool | str | os.PathLike[str] | Callable[[Report], Any] | None
 
 
 @dataclass
@@ -122,15 +117,7 @@ class Run:
         self.order = Release(ordered=ordered)  # settled results until they are released
         self.checkpoint = checkpoint
         self.resume: Resume | None = None  # the journal, once the call starts
-        self.watch = Watch(
-            backend,
-            self.ledger.task_at,
-            describe,
-            lambda: sizer.per_task,
-            lambda text: self.progress.write(text, stream="stderr"),
-            self.progress.set_status,
-            clock,
-        )
+        self.watch = self._make_watch()
         self.watching = False  # SIGUSR1 taken for the call (dump on demand)
         self.report = Report(function_name(fn), backend_name, backend.slots, total=total)
         self.report_option = report
@@ -221,26 +208,26 @@ class Run:
                 self._finish_report(outcome)
 
     def _finish_report(self, outcome: str) -> None:
-        """Complete the report; print it after the bar's last line when it is worth it (a
-        long run, failures, or status lines), hand it to ``report=``."""
-        report, option = self.report, self.report_option
         now = self.clock()
-        report.outcome = outcome
-        report.seconds = now - self.started_at
-        report.total = self.progress.total
-        report.tail_seconds = max(0.0, now - self.last_sent_at)
-        report.startup_seconds = getattr(self.backend, "startup_seconds", 0.0) - self.startup_before
-        log_mode = isinstance(self.progress, LogProgress)
-        silent = isinstance(self.progress, NullProgress)
-        if option is True or (
-            option is not False and not silent and report.worth_printing(log_mode=log_mode)
-        ):
-            self.progress.write(str(report) + "\n", stream="stderr")
-        if isinstance(option, str | os.PathLike):
-            with open(option, "w", encoding="utf-8") as file:
-                file.write(report.to_json())
-        elif callable(option):
-            option(report)
+        self.report.finish(
+            outcome,
+            seconds=now - self.started_at,
+            total=self.progress.total,
+            tail=max(0.0, now - self.last_sent_at),
+            startup=getattr(self.backend, "startup_seconds", 0.0) - self.startup_before,
+        )
+        deliver(self.report, self.report_option, self.progress)
+
+    def _make_watch(self) -> Watch:
+        return Watch(
+            self.backend,
+            self.ledger.task_at,
+            self.describe,
+            lambda: self.sizer.per_task,
+            lambda text: self.progress.write(text, stream="stderr"),
+            self.progress.set_status,
+            self.clock,
+        )
 
     def _open_journal(self) -> None:
         spec = self.checkpoint
