@@ -16,9 +16,7 @@ backend cannot honour is refused the same way on every path (never accepted and 
 
 from __future__ import annotations
 
-import difflib
 import math
-import numbers
 import operator
 import os
 from collections.abc import Callable
@@ -151,9 +149,9 @@ def _choice_of(choices: tuple[str, ...]) -> Callable[[str, Any], str]:
 def _seconds(name: str, value: Any, *, allow_zero: bool) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if isinstance(value, bool | str | bytes | complex) or not hasattr(type(value), "__float__"):
         raise TypeError(f"{name} must be a number of seconds, got {type(value).__name__}")
-    seconds = float(value)
+    seconds = float(value)  # numpy's floats too
     if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not allow_zero):
         raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
     return seconds
@@ -302,6 +300,8 @@ def validate(base: Options | None = None, **given: Any) -> Options:
 
 
 def _did_you_mean(name: str) -> str:
+    import difflib  # on a typo only
+
     close = difflib.get_close_matches(name, OPTIONS, n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
 

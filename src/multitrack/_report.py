@@ -21,12 +21,10 @@ its own to any task over about 0.1 s, so the slowest tasks are the ones measured
 from __future__ import annotations
 
 import heapq
-import json
 import os
 import re
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from multitrack._errors import (
@@ -44,24 +42,39 @@ PRINT_AFTER = 10.0  # seconds: a run this long prints its report even without fa
 _FRAME = re.compile(r'File "([^"]+)", line (\d+),? in (\S+)')  # tracebacks and faulthandler
 
 
-@dataclass
 class FailureGroup:
     """Failures of one kind at one place: ``count`` of them, the first in full."""
 
-    kind: str  # exception type
-    where: str  # innermost frame of the user's code: "job.py:12 in load"
-    message: str
-    first_index: int
-    first_task: str
-    traceback: str
-    count: int = 0
-    indices: list[int] = field(default_factory=list)  # at most KEEP_INDICES
+    __slots__ = (
+        "count",
+        "first_index",
+        "first_task",
+        "indices",
+        "kind",
+        "message",
+        "traceback",
+        "where",
+    )
+
+    def __init__(
+        self, kind: str, where: str, message: str, first_index: int, first_task: str, tb: str
+    ) -> None:
+        self.kind = kind  # exception type
+        self.where = where  # innermost frame of the user's code: "job.py:12 in load"
+        self.message = message
+        self.first_index = first_index
+        self.first_task = first_task
+        self.traceback = tb
+        self.count = 0
+        self.indices: list[int] = []  # at most KEEP_INDICES
 
 
-@dataclass
 class Report:
     """What one call did. ``str(report)`` is the text printed at the end of a run;
     ``report.to_json()`` the same as data.
+
+    (Plain classes here, not dataclasses: every call makes a report, and the dataclass
+    decorator alone cost milliseconds of the first call's imports.)
 
     Example:
         >>> import multitrack as mt
@@ -70,24 +83,31 @@ class Report:
         ([1, 2, 3], 3, 0)
     """
 
-    function: str
-    backend: str
-    workers: int
-    total: int | None = None
-    seconds: float = 0.0
-    outcome: str = "running"
-    succeeded: int = 0
-    failed: int = 0
-    failed_by_kind: Counter[str] = field(default_factory=Counter)
-    retried: int = 0
-    reused: int = 0
-    busy_seconds: float = 0.0  # the tasks' own time, measured in the workers
-    busy_by_worker: dict[int, float] = field(default_factory=dict)
-    tasks_by_worker: Counter[int] = field(default_factory=Counter)
-    startup_seconds: float = 0.0
-    tail_seconds: float = 0.0  # from the last task sent to the last result
-    groups: dict[tuple[str, str], FailureGroup] = field(default_factory=dict)
-    _slowest: list[tuple[float, int, str]] = field(default_factory=list, repr=False)
+    def __init__(self, function: str, backend: str, workers: int, total: int | None) -> None:
+        self.function = function
+        self.backend = backend
+        self.workers = workers
+        self.total = total
+        self.seconds = 0.0
+        self.outcome = "running"
+        self.succeeded = 0
+        self.failed = 0
+        self.failed_by_kind: Counter[str] = Counter()
+        self.retried = 0
+        self.reused = 0
+        self.busy_seconds = 0.0  # the tasks' own time, measured in the workers
+        self.busy_by_worker: dict[int, float] = {}
+        self.tasks_by_worker: Counter[int] = Counter()
+        self.startup_seconds = 0.0
+        self.tail_seconds = 0.0  # from the last task sent to the last result
+        self.groups: dict[tuple[str, str], FailureGroup] = {}
+        self._slowest: list[tuple[float, int, str]] = []
+
+    def __repr__(self) -> str:
+        return (
+            f"Report({self.function!r}, {self.outcome}: {self.succeeded} ok, "
+            f"{self.failed} failed, {self.seconds:.2f} s)"
+        )
 
     # -- fed by the scheduler ----------------------------------------------------------------
 
@@ -139,6 +159,8 @@ class Report:
 
     def to_json(self) -> str:
         """The report as JSON (``report="run.json"`` writes it there)."""
+        import json  # only here: a report printed as text does not need it
+
         data = {
             "function": self.function,
             "backend": self.backend,

@@ -37,7 +37,7 @@ import os
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from multitrack._chunks import ChunkSizer
 from multitrack._errors import TaskError, TaskTimeout, WorkerCrashed, task_label
@@ -45,9 +45,11 @@ from multitrack._ledger import MAX_BYSTANDER_REQUEUES, Ledger
 from multitrack._order import Release
 from multitrack._progress import Progress
 from multitrack._report import Report, ReportOption, deliver, function_name
-from multitrack._resume import Resume
 from multitrack._stuck import CHECK_EVERY, Watch
 from multitrack.backends._base import Backend, Chunk, Completed, GivenBack, Lost
+
+if TYPE_CHECKING:  # sqlite3 and the journal are imported by calls with checkpoint= only
+    from multitrack._resume import Resume
 
 __all__ = ["MAX_BYSTANDER_REQUEUES", "Checkpoint", "Policy", "Run"]
 
@@ -119,7 +121,7 @@ class Run:
         self.resume: Resume | None = None  # the journal, once the call starts
         self.watch = self._make_watch()
         self.watching = False  # SIGUSR1 taken for the call (dump on demand)
-        self.report = Report(function_name(fn), backend_name, backend.slots, total=total)
+        self.report = Report(function_name(fn), backend_name, backend.slots, total)
         self.report_option = report
         self.started_at = clock()
         self.last_sent_at = self.started_at
@@ -233,6 +235,8 @@ class Run:
         spec = self.checkpoint
         if spec is None:
             return
+        from multitrack._resume import Resume
+
         self.resume = Resume(
             spec.path,
             self.fn,
