@@ -1,6 +1,7 @@
 """``python -m benchmarks.paired --rev REV``: this working tree's multitrack against another
 revision's, paired, on the two figures a refactor most easily makes worse: a one-shot call's
-first result (start-up) and 200,000 trivial tasks (the parent's cost per chunk).
+first result (start-up), 200,000 trivial tasks (the parent's cost per chunk) and 48 results of
+8 MB (shared memory on the way back).
 
 Each round runs every probe once per revision, alternating, each in a fresh process, so drift in
 the machine's speed hits both sides alike; the figure to read is the median over rounds of
@@ -34,6 +35,14 @@ import time, multitrack as mt, multitrack._api, multitrack.backends._process
 items = list(range(200_000))
 started = time.perf_counter()
 assert len(mt.map(abs, items, workers=2, progress=False)) == 200_000
+print(time.perf_counter() - started)
+""",
+    "8 MB results": """
+import time, numpy as np, multitrack as mt, multitrack._api, multitrack.backends._process
+def make(i):
+    return np.full(1 << 20, float(i))
+started = time.perf_counter()
+assert len(mt.map(make, range(48), workers=2, progress=False)) == 48
 print(time.perf_counter() - started)
 """,
 }
