@@ -38,6 +38,7 @@ from multitrack._progress import LogProgress, NullProgress, Progress
 
 KEEP_INDICES = 20  # indices kept per failure group (the count is exact)
 SLOWEST = 5
+SLOW_ENOUGH = 0.05  # seconds: quicker tasks are not worth a line among the slowest
 PRINT_AFTER = 10.0  # seconds: a run this long prints its report even without failures
 _FRAME = re.compile(r'File "([^"]+)", line (\d+),? in (\S+)')  # tracebacks and faulthandler
 
@@ -230,8 +231,9 @@ class Report:
             first = min(self.groups.values(), key=lambda g: g.first_index)
             lines.append(f"  first failure's traceback (task {first.first_index}):")
             lines.extend("    " + line for line in first.traceback.rstrip().splitlines())
-        if self.slowest:
-            slow = " · ".join(f"task {i} {s:.1f} s ({t})" for s, i, t in self.slowest)
+        slowest = [entry for entry in self.slowest if entry[0] >= SLOW_ENOUGH]
+        if slowest:
+            slow = " · ".join(f"task {i} {s:.1f} s ({t})" for s, i, t in slowest)
             lines.append(f"  slowest: {slow}")
         return lines
 
