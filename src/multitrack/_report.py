@@ -350,7 +350,8 @@ def function_name(fn: Any) -> str:
         'round'
     """
     for _ in range(8):
-        inner = getattr(fn, "func", None) or getattr(fn, "fn", None)
+        inner = getattr(fn, "__wrapped__", None) or getattr(fn, "func", None)
+        inner = inner or getattr(fn, "fn", None)
         if inner is None or inner is fn:
             break
         fn = inner
