@@ -162,12 +162,12 @@ class Ledger:
         self._bystander.pop(index, None)
         self._isolated.discard(index)
 
-    def ran_without_dying(self, indices: Sequence[int]) -> None:
-        """Tasks ``indices`` finished (a value or an exception) and their worker lived: none
-        of them caused an earlier death they were suspected of (nothing to do, and nothing
-        done per task, unless a worker died in this call)."""
+    def ran_without_dying(self, indices: Sequence[int], first: int, count: int) -> None:
+        """Tasks ``indices[first:first + count]`` finished (a value or an exception) and their
+        worker lived: none of them caused a death they were suspected of (nothing done per
+        task, not even a slice, unless a worker died in this call)."""
         if self._bystander or self._isolated:
-            for index in indices:
+            for index in indices[first : first + count]:
                 self._bystander.pop(index, None)
                 self._isolated.discard(index)
 
@@ -176,12 +176,15 @@ class Ledger:
         second death is charged to it and to nobody else."""
         self._isolated.add(index)
 
-    def settled_span(self, indices: Sequence[int]) -> None:
-        """Tasks ``indices`` succeeded: forget what blame kept about them (nothing to do,
-        and nothing done per task, unless something failed or died in this call)."""
-        if self._failed_runs or self._bystander or self._isolated:
-            for index in indices:
-                self.settled(index)
+    def remembers_failures(self) -> bool:
+        """Whether some task of this call failed and is being run again."""
+        return bool(self._failed_runs)
+
+    def succeeded(self, indices: Sequence[int]) -> None:
+        """Tasks ``indices`` succeeded: forget their failed runs (``ran_without_dying``
+        already forgot their suspicion)."""
+        for index in indices:
+            self._failed_runs.pop(index, None)
 
     # -- events ---------------------------------------------------------------------------
 

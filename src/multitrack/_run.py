@@ -364,7 +364,7 @@ class Run:
     def _on_completed(self, chunk: Chunk, event: Completed) -> None:
         first, values, errors = event.first, event.values, event.errors
         self.sizer.observe(len(values), event.busy_seconds)
-        self.ledger.ran_without_dying(chunk.indices[first : first + len(values)])
+        self.ledger.ran_without_dying(chunk.indices, first, len(values))
         if errors:
             self._store_around(chunk, first, values, errors)
         else:
@@ -376,16 +376,12 @@ class Run:
             self.report.timed_alone(index, self.describe(chunk.args[first]), event.busy_seconds)
         if done:
             self.progress.advance(done)
-            if not errors:
-                ok: Sequence[int] = chunk.indices[first : first + len(values)]
-                ok_values = values
-            else:
-                kept = [k for k in range(len(values)) if k not in errors]
-                ok = [chunk.indices[first + k] for k in kept]
-                ok_values = [values[k] for k in kept]
-            self.ledger.settled_span(ok)
-            if self.resume is not None:
-                self.resume.record(ok, ok_values, event.busy_seconds / len(values))
+            # Per task only when it matters: a retried task succeeded, or a journal keeps them.
+            if self.ledger.remembers_failures() or self.resume is not None:
+                ok, ok_values = _succeeded(chunk.indices, first, values, errors)
+                self.ledger.succeeded(ok)
+                if self.resume is not None:
+                    self.resume.record(ok, ok_values, event.busy_seconds / len(values))
         for offset in sorted(errors):
             position = first + offset
             self._fail(chunk.indices[position], errors[offset], chunk.args[position])
@@ -459,3 +455,13 @@ class Run:
 
     def _output(self, text: str, stream: str) -> None:
         self.progress.write(text, stream="stderr" if stream == "stderr" else "stdout")
+
+
+def _succeeded(
+    indices: Sequence[int], first: int, values: list[Any], errors: dict[int, BaseException]
+) -> tuple[Sequence[int], list[Any]]:
+    """The indices and values of the tasks of a span that succeeded."""
+    if not errors:
+        return indices[first : first + len(values)], values
+    kept = [k for k in range(len(values)) if k not in errors]
+    return [indices[first + k] for k in kept], [values[k] for k in kept]
