@@ -25,6 +25,7 @@ os.environ.setdefault("MULTITRACK_PROGRESS", "0")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 from multitrack.backends import _platform, _start
+from processes import live_children
 
 LEAK_GRACE = 3.0  # seconds a child or thread may take to go away after a call returned
 
@@ -36,17 +37,6 @@ if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def _children() -> list[psutil.Process]:
-    try:
-        return [
-            p
-            for p in psutil.Process().children(recursive=True)
-            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-        ]
-    except psutil.Error:
-        return []
-
-
 def _extra_threads(before: set[int]) -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.ident not in before and t.is_alive()]
 
@@ -56,9 +46,9 @@ def no_leftovers() -> Iterator[None]:
     threads_before = {t.ident for t in threading.enumerate() if t.ident is not None}
     yield
     deadline = time.monotonic() + LEAK_GRACE
-    while (_children() or _extra_threads(threads_before)) and time.monotonic() < deadline:
+    while (live_children() or _extra_threads(threads_before)) and time.monotonic() < deadline:
         time.sleep(0.05)
-    children = _children()
+    children = live_children()
     threads = _extra_threads(threads_before)
     for child in children:  # do not let one leak cascade into every later test
         try:

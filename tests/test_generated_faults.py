@@ -51,6 +51,7 @@ import gen_faults
 import multitrack as mt
 from gen_faults import BIG, Plan
 from multitrack.backends import _start
+from processes import live_children
 
 # -- profiles -----------------------------------------------------------------------------
 
@@ -364,24 +365,13 @@ def outcome_problems(case: Case, outcome: Outcome) -> list[str]:
     return problems
 
 
-def _children() -> list[psutil.Process]:
-    try:
-        return [
-            p
-            for p in psutil.Process().children(recursive=True)
-            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-        ]
-    except psutil.Error:
-        return []
-
-
-def leftover_children() -> list[int]:
+def leftoverlive_children() -> list[int]:
     """Children still running ``LEAK_GRACE`` seconds after the call (then killed, so that one
     leak does not fail every later case)."""
     deadline = time.monotonic() + LEAK_GRACE
-    while _children() and time.monotonic() < deadline:
+    while live_children() and time.monotonic() < deadline:
         time.sleep(0.02)
-    children = _children()
+    children = live_children()
     for child in children:
         try:
             child.kill()
@@ -416,12 +406,12 @@ def check_case(case: Case, *, spawn: bool) -> None:
         try:
             outcomes = run_case(case, spawn=spawn)
         except Hang as hang:
-            leftover_children()
+            leftoverlive_children()
             pytest.fail(f"HANG ({hang}) on {case}")
     problems = []
     for number, outcome in enumerate(outcomes, 1):
         problems += [f"call {number}: {problem}" for problem in outcome_problems(case, outcome)]
-    left = leftover_children()
+    left = leftoverlive_children()
     if left:
         problems.append(f"child processes left running after the call: {left}")
     assert not problems, f"{case}:\n" + "\n".join(problems)

@@ -32,7 +32,7 @@ def make_watch(clock: list[float], typical: float | None) -> tuple[Any, FakeBack
     backend = FakeBackend()
     shown: list[Any] = []
     tasks = {(7, 0): (17, "a.png"), (8, 1): (18, "b.png")}
-    watch = _stuck.Watch(
+    watch = _stuck.Stuck(
         backend,  # type: ignore[arg-type]
         lambda chunk, position: tasks.get((chunk, position)),
         lambda arg: arg,

@@ -45,7 +45,7 @@ from multitrack._ledger import MAX_BYSTANDER_REQUEUES, Ledger
 from multitrack._order import Release
 from multitrack._progress import Progress
 from multitrack._report import Report, ReportOption, deliver, function_name
-from multitrack._stuck import CHECK_EVERY, Watch
+from multitrack._stuck import CHECK_EVERY, Stuck
 from multitrack.backends._base import Backend, Chunk, Completed, GivenBack, Lost
 
 if TYPE_CHECKING:  # sqlite3 and the journal are imported by calls with checkpoint= only
@@ -119,8 +119,7 @@ class Run:
         self.order = Release(ordered=ordered)  # settled results until they are released
         self.checkpoint = checkpoint
         self.resume: Resume | None = None  # the journal, once the call starts
-        self.watch = self._make_watch()
-        self.watching = False  # SIGUSR1 taken for the call (dump on demand)
+        self.stuck = self._make_stuck()
         self.report = Report(function_name(fn), backend_name, backend.slots, total)
         self.report_option = report
         self.started_at = clock()
@@ -148,7 +147,7 @@ class Run:
         """The results in lists, as they become releasable (what ``map`` collects)."""
         outcome: Literal["done", "error", "interrupted"] = "error"
         try:
-            self.watching = self.watch.install()
+            self.stuck.install()
             self._open_journal()
             self.backend.begin(self.fn, self._output, timed=self.policy.timeout is not None)
             while True:
@@ -171,7 +170,7 @@ class Run:
                 if self.resume is not None:
                     self.resume.commit_due()
                 self._enforce_deadlines()
-                self.watch.step()
+                self.stuck.step()
                 if self._due(self.progress.wakeup_in()):
                     self.progress.tick()
             outcome = "done"
@@ -195,7 +194,7 @@ class Run:
 
     def _shutdown(self, outcome: Literal["done", "error", "interrupted"]) -> None:
         self.over = True
-        self.watch.uninstall()
+        self.stuck.uninstall()
         aborted = outcome != "done"
         try:
             self.backend.end(abort=aborted)
@@ -220,8 +219,8 @@ class Run:
         )
         deliver(self.report, self.report_option, self.progress)
 
-    def _make_watch(self) -> Watch:
-        return Watch(
+    def _make_stuck(self) -> Stuck:
+        return Stuck(
             self.backend,
             self.ledger.task_at,
             self.describe,
@@ -274,7 +273,7 @@ class Run:
         retry_at = self.ledger.next_retry_at()
         if retry_at is not None and self.backend.capacity() > 0:
             waits.append(retry_at - self.clock())
-        if self.watching:
+        if self.stuck.installed:
             waits.append(CHECK_EVERY)  # a dump asked for by SIGUSR1 comes within a second
         known = [w for w in waits if w is not None]
         return max(0.0, min(known)) if known else None

@@ -1,7 +1,7 @@
 """What a run that "seems stuck" is doing: the oldest running task on the bar, and on demand
 every running task's input, age and stack.
 
-``Watch`` is driven by the scheduler (``_run.Run``), once per loop, and asks the backend and
+``Stuck`` is driven by the scheduler (``_run.Run``), once per loop, and asks the backend and
 the ledger what runs where; it keeps no copy of either::
 
     kill -USR1 <caller's pid> ──▶ handler: a flag ──▶ next step: dump every running task
@@ -33,8 +33,9 @@ LONG_AT_LEAST = 10.0  # ... and never before it has run this many seconds
 CHECK_EVERY = 1.0  # seconds between looks at the running tasks
 
 
-class Watch:
-    """One call's view of its running tasks (see the module docstring)."""
+class Stuck:
+    """One call's view of its running tasks (see the module docstring). Not to be confused
+    with ``backends._watch.Watch``, the process backend's wait on its descriptors."""
 
     def __init__(
         self,
@@ -71,6 +72,11 @@ class Watch:
         except (ValueError, OSError):
             return False
         return True
+
+    @property
+    def installed(self) -> bool:
+        """Whether SIGUSR1 is ours for the call (the scheduler then wakes once a second)."""
+        return self._previous is not None
 
     def uninstall(self) -> None:
         if self._previous is not None:
