@@ -143,7 +143,7 @@ class FakeBackend(Backend):
 
 class RecordingProgress:
     def __init__(self) -> None:
-        self.completed = self.failed = self.retried = 0
+        self.completed = self.failed = self.retried = self.reused = 0
         self.total: int | None = None
         self.outcome: str | None = None
         self.lines: list[str] = []

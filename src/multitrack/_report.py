@@ -113,7 +113,6 @@ class Report:
     # -- fed by the scheduler ----------------------------------------------------------------
 
     def completed(self, succeeded: int, busy: float, worker: int) -> None:
-        self.succeeded += succeeded
         self.busy_seconds += busy
         if worker >= 0:
             self.busy_by_worker[worker] = self.busy_by_worker.get(worker, 0.0) + busy
@@ -128,7 +127,6 @@ class Report:
             heapq.heapreplace(self._slowest, entry)
 
     def failed_for_good(self, error: TaskError) -> None:
-        self.failed += 1
         kind = _kind(error)
         self.failed_by_kind[kind] += 1
         tb_text = _traceback_text(error)
@@ -145,10 +143,13 @@ class Report:
     # -- the end ---------------------------------------------------------------------------
 
     def finish(
-        self, outcome: str, *, seconds: float, total: int | None, tail: float, startup: float
+        self, outcome: str, counts: Progress, *, seconds: float, tail: float, startup: float
     ) -> None:
-        self.outcome, self.seconds, self.total = outcome, seconds, total
+        """The call ended: the counts are the progress object's (their one owner)."""
+        self.outcome, self.seconds, self.total = outcome, seconds, counts.total
         self.tail_seconds, self.startup_seconds = tail, startup
+        self.failed, self.retried, self.reused = counts.failed, counts.retried, counts.reused
+        self.succeeded = counts.completed - counts.failed - counts.reused
 
     @property
     def slowest(self) -> list[tuple[float, int, str]]:

@@ -56,7 +56,6 @@ class Resume:
         self._keys: dict[int, tuple[bytes, int]] = {}  # index -> (key, occurrence), in flight
         self._by_position = 0  # tasks keyed by position: their arguments had no digest
         self._empty = self.journal.stored_ok == 0 and self.journal.stored_failed == 0
-        self.reused = 0
         if self.journal.change_message:
             say(self.journal.change_message)
 
@@ -80,7 +79,6 @@ class Resume:
             self._keys[index] = identity
             todo_indices.append(index)
             todo_args.append(arg)
-        self.reused += len(reused)
         return todo_indices, todo_args, reused
 
     def _identity(self, index: int, arg: Any) -> tuple[bytes, int]:
@@ -137,10 +135,6 @@ class Resume:
             seconds=0.0,
             attempts=error.attempts,
         )
-
-    def forget(self, index: int) -> None:
-        """Task ``index`` settled without anything to store."""
-        self._keys.pop(index, None)
 
     def commit_due(self) -> None:
         self.journal.commit_due(time.monotonic())

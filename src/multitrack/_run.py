@@ -212,8 +212,8 @@ class Run:
         now = self.clock()
         self.report.finish(
             outcome,
+            self.progress,
             seconds=now - self.started_at,
-            total=self.progress.total,
             tail=max(0.0, now - self.last_sent_at),
             startup=getattr(self.backend, "startup_seconds", 0.0) - self.startup_before,
         )
@@ -332,7 +332,6 @@ class Run:
                 self.order.store_one(index, value)
             if reused:
                 self.progress.add_reused(len(reused))
-                self.report.reused += len(reused)
             if todo or not fresh:
                 return indices, todo
             fresh = self._pull(wanted)
@@ -423,7 +422,6 @@ class Run:
             delay = self.policy.retry_delay * 2 ** (attempts - 1)
             self.ledger.retry(index, args, self.clock() + delay)
             self.progress.add_retried()
-            self.report.retried += 1
             return
         if isinstance(cause, TaskError):
             error = cause

@@ -53,10 +53,6 @@ class Watch(Generic[Owner]):
             self._writing.discard(fd)
             self._poller.modify(fd, _READ)
 
-    def watched(self) -> set[int]:
-        """The descriptors registered now."""
-        return set(self._by_fd)
-
     def wait(self, timeout: float | None) -> list[tuple[Owner, str, bool]]:
         """(owner, what, readable) of the descriptors ready within ``timeout`` seconds:
         readable, closed, or (``readable`` false) only writable."""
