@@ -84,13 +84,14 @@ class Resume:
     def _identity(self, index: int, arg: Any) -> tuple[bytes, int]:
         if self._key is not None:
             try:
-                digest = task_key(self._key(self._describe(arg)))
+                named = self._key(self._describe(arg))
             except Exception as exc:
                 raise TypeError(f"key= raised for task {index}: {_wire.describe(exc)}") from exc
+            digest = task_key(named)
             if digest is None:
                 raise TypeError(
                     f"key= must return str, bytes, numbers, paths or tuples of them; for task "
-                    f"{index} it returned {type(self._key(self._describe(arg))).__name__}"
+                    f"{index} it returned {type(named).__name__}"
                 )
         else:
             digest = task_key(arg)
