@@ -32,6 +32,7 @@ import pytest
 
 import faults
 import multitrack as mt
+from processes import live_children
 
 ENGINES = [
     pytest.param("dask", marks=pytest.mark.dask),
@@ -174,14 +175,7 @@ def _strays(sessions: list[_Session]) -> list[psutil.Process]:
                 own.update(p.pid for p in psutil.Process(pid).children(recursive=True))
             except psutil.Error:
                 pass
-    strays = []
-    for child in psutil.Process().children(recursive=True):
-        try:
-            if child.pid not in own and child.status() != psutil.STATUS_ZOMBIE:
-                strays.append(child)
-        except psutil.Error:
-            pass
-    return strays
+    return [child for child in live_children() if child.pid not in own]
 
 
 def _describe(process: psutil.Process) -> str:

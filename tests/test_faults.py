@@ -24,7 +24,8 @@ import pytest
 
 import faults
 import multitrack as mt
-from multitrack.backends import _process, _start, _worker
+from multitrack.backends import _process, _start, _worker, _zygote
+from processes import live_children
 
 pytestmark = pytest.mark.usefixtures("each_start_method")
 
@@ -185,9 +186,8 @@ def test_timeout_kills_and_replaces_the_worker(errors: str) -> None:
 
 
 def _live_children() -> set[int]:
-    return {
-        child.pid for child in psutil.Process().children() if child.status() != psutil.STATUS_ZOMBIE
-    }
+    """The live workers (and their children): forks of the zygote are not ours directly."""
+    return {child.pid for child in live_children()}
 
 
 @pytest.mark.timeout(30)
@@ -282,6 +282,7 @@ def test_initializer_traceback_is_kept() -> None:
 def test_worker_that_never_boots_is_a_start_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_process, "BOOT_TIMEOUT", 1.0)
     monkeypatch.setattr(_start, "_BOOT", "import time; time.sleep(60)")  # a fresh one
+    monkeypatch.setattr(_zygote, "for_env", lambda env: None)  # fresh ones, not the zygote's
     monkeypatch.setattr(_worker, "run", lambda *fds: time.sleep(60))  # a fork (it inherits this)
     with pytest.raises(mt.WorkerStartError, match="did not start within"):
         mt.map(faults.square, range(4), workers=2)
@@ -301,7 +302,7 @@ def test_imap_dropped_half_way_stops_its_workers(backend: str) -> None:
     next(iterator)
     workers: list[Any]
     if backend == "process":
-        workers = psutil.Process().children(recursive=True)
+        workers = live_children()
     else:
         workers = [t for t in threading.enumerate() if t not in threads_before]
     assert len(workers) >= 2, workers

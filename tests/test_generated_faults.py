@@ -17,10 +17,11 @@ A hang is detected without hanging the test: a ``SIGALRM`` timer (armed around e
 pytest-timeout's own timer saved and re-armed around it) raises ``Hang`` in the main thread,
 where the scheduler waits; the call's ``finally`` then stops its workers.
 
-The default profile is derandomized (the same cases on every run): 150 cases with forked
-workers and 60 with fresh interpreters, about a minute on this 2-core machine when nothing fails
-(a failure adds hypothesis's shrinking: a few minutes). The long profile draws random cases,
-8,000 forked and 3,200 fresh (roughly an hour)::
+The default profile is derandomized (the same cases on every run): 150 cases with workers
+forked from the caller (``start_method="fork"``) and 60 with the default start (forks of the
+zygote; fresh interpreters under ``MULTITRACK_WITHOUT=fork``), about a minute on this 2-core
+machine when nothing fails (a failure adds hypothesis's shrinking: a few minutes). The long
+profile draws random cases, 8,000 forked and 3,200 of the default start (roughly an hour)::
 
     MULTITRACK_FAULT_PROFILE=long python -m pytest -p no:cacheprovider \\
         tests/test_generated_faults.py
@@ -33,7 +34,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -365,7 +365,7 @@ def outcome_problems(case: Case, outcome: Outcome) -> list[str]:
     return problems
 
 
-def leftoverlive_children() -> list[int]:
+def leftover_children() -> list[int]:
     """Children still running ``LEAK_GRACE`` seconds after the call (then killed, so that one
     leak does not fail every later case)."""
     deadline = time.monotonic() + LEAK_GRACE
@@ -382,17 +382,12 @@ def leftoverlive_children() -> list[int]:
 
 @contextmanager
 def start_path(*, spawn: bool) -> Iterator[None]:
+    """The default start (forks of the zygote; fresh interpreters where fork is off), or
+    ``start_method="fork"`` (forks of this process), for the whole case."""
     name = _start.START_METHOD_ENV
     saved = os.environ.get(name)
-    if spawn:
-        os.environ[name] = "spawn"
-    else:
-        os.environ.pop(name, None)
+    os.environ[name] = "spawn" if spawn else "fork"
     try:
-        if not spawn:
-            assert _start.start_method() == "fork", (
-                f"{threading.active_count()} threads here: workers would not fork"
-            )
         yield
     finally:
         if saved is None:
@@ -406,12 +401,12 @@ def check_case(case: Case, *, spawn: bool) -> None:
         try:
             outcomes = run_case(case, spawn=spawn)
         except Hang as hang:
-            leftoverlive_children()
+            leftover_children()
             pytest.fail(f"HANG ({hang}) on {case}")
     problems = []
     for number, outcome in enumerate(outcomes, 1):
         problems += [f"call {number}: {problem}" for problem in outcome_problems(case, outcome)]
-    left = leftoverlive_children()
+    left = leftover_children()
     if left:
         problems.append(f"child processes left running after the call: {left}")
     assert not problems, f"{case}:\n" + "\n".join(problems)

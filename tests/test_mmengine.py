@@ -98,13 +98,9 @@ def bar_on(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _children() -> list[Any]:
-    import psutil
+    from processes import live_children
 
-    return [
-        p
-        for p in psutil.Process().children(recursive=True)
-        if p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-    ]
+    return live_children()
 
 
 # -- the same results as mmengine ---------------------------------------------------------

@@ -1,5 +1,6 @@
-"""How workers start (``backends/_start.py``): forked when the caller has a single thread,
-fresh interpreters otherwise; the same worker, the same behaviour, either way."""
+"""How workers start (``backends/_start.py``, ``backends/_zygote.py``): by default what a fresh
+interpreter would see, whatever threads the caller runs; ``start_method="fork"`` on request;
+the same worker, the same behaviour, either way."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 
 import faults
 import multitrack as mt
-from multitrack.backends import _platform, _start
+from multitrack.backends import _platform, _start, _zygote
 from scripts import run_script
 
 needs_fork = pytest.mark.skipif(
@@ -24,51 +25,187 @@ needs_fork = pytest.mark.skipif(
 # A module no worker imports on its own: a worker has it only when it inherited the caller's.
 MARKER = "colorsys"
 
+# Issue 13's example: a module global the caller sets at run time.
+HELPER = """
+SCALE = 1
+
+def setup(scale):
+    global SCALE
+    SCALE = scale
+
+def work(x):
+    return x * SCALE
+"""
+MAIN = """
+import sys
+if sys.argv[1:] == ["numpy"]:
+    import numpy  # starts OpenBLAS's threads in the caller
+import multitrack as mt, helper
+helper.setup(10)
+try:
+    forked = mt.map(helper.work, [1, 2, 3], workers=2, start_method="fork")
+except mt.WorkerStartError:  # where fork is unsafe (macOS) or switched off
+    forked = "refused"
+print(mt.map(helper.work, [1, 2, 3], workers=2), forked)
+"""
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("threads", ["numpy", "no-threads"])
+def test_what_a_worker_sees_does_not_depend_on_the_callers_threads(
+    tmp_path: Path, threads: str
+) -> None:
+    if threads == "numpy":
+        pytest.importorskip("numpy")
+    (tmp_path / "helper.py").write_text(HELPER)
+    (tmp_path / "main.py").write_text(MAIN)
+    env = {**os.environ, "MULTITRACK_PROGRESS": "0"}
+    env.pop(_start.START_METHOD_ENV, None)
+    env.pop("OPENBLAS_NUM_THREADS", None)
+    done = subprocess.run(
+        [sys.executable, "main.py", threads],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=50,
+    )
+    assert done.returncode == 0, done.stderr
+    # spawn (the default): the module as imported; fork: the caller's value of the moment
+    forked = "[10, 20, 30]" if _platform.CAN_FORK else "refused"
+    assert done.stdout == f"[1, 2, 3] {forked}\n", done.stdout
+
+
+def test_workers_do_not_inherit_the_callers_imports() -> None:
+    __import__(MARKER)
+    assert _start.start_method() == "spawn"
+    assert mt.map(faults.imported, [MARKER] * 4, workers=2) == [False] * 4
+
 
 @needs_fork
-def test_workers_fork_when_the_caller_has_a_single_thread() -> None:
+def test_forked_workers_inherit_the_callers_imports_and_globals(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     __import__(MARKER)
-    assert _start.start_method() == "fork"
-    assert mt.map(faults.imported, [MARKER] * 4, workers=2) == [True] * 4
+    monkeypatch.setattr(faults, "SCALE", 10)
+    assert mt.map(faults.imported, [MARKER] * 4, workers=2, start_method="fork") == [True] * 4
+    monkeypatch.setenv(_start.START_METHOD_ENV, "fork")  # the same, for a whole script
+    assert mt.map(faults.scaled, [1, 2], workers=2) == [10, 20]
+    monkeypatch.delenv(_start.START_METHOD_ENV)
+    assert mt.map(faults.scaled, [1, 2], workers=2) == [1, 2]
 
 
-def test_workers_are_fresh_interpreters_while_another_thread_runs() -> None:
-    __import__(MARKER)
+@needs_fork
+def test_fork_is_refused_while_another_python_thread_runs() -> None:
     stop = threading.Event()
-    other = threading.Thread(target=stop.wait)
+    other = threading.Thread(target=stop.wait, name="busy-helper")
     other.start()
     try:
-        assert _start.start_method() == "spawn"
-        assert mt.map(faults.imported, [MARKER] * 4, workers=2) == [False] * 4
+        with pytest.raises(mt.WorkerStartError, match=r"busy-helper.*start_method='spawn'"):
+            mt.map(abs, [-1], workers=1, start_method="fork")
+        # the default does not care: what workers see is the same with the thread
+        assert mt.map(faults.imported, [MARKER], workers=1) == [False]
     finally:
         stop.set()
         other.join()
 
 
-def test_the_environment_variable_forces_fresh_interpreters(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    __import__(MARKER)
-    monkeypatch.setenv(_start.START_METHOD_ENV, "spawn")
-    assert mt.map(faults.imported, [MARKER] * 4, workers=2) == [False] * 4
-
-
 def test_an_unknown_start_method_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValueError, match="start_method='forkserver' is not one of"):
+        mt.map(abs, [1, 2], workers=2, start_method="forkserver")
+    with pytest.raises(ValueError, match="start_method= is how worker processes start"):
+        mt.map(abs, [1, 2], backend="thread", start_method="fork")
     monkeypatch.setenv(_start.START_METHOD_ENV, "forkserver")
     with pytest.raises(ValueError, match="MULTITRACK_START_METHOD='forkserver'"):
         mt.map(abs, [1, 2], workers=2)
 
 
-def test_the_os_thread_count_sees_native_threads() -> None:
-    before = _start.os_threads()
-    stop = threading.Event()
-    other = threading.Thread(target=stop.wait)
-    other.start()
+IMPORT_COUNTER = """
+import os
+with open(os.environ["IMPORT_LOG"], "a") as log:
+    log.write(f"{os.getpid()}\\n")
+
+def crash_on(x, bad):
+    if x == bad:
+        os._exit(3)
+    return x
+"""
+
+
+@needs_fork
+@pytest.mark.timeout(60)
+def test_the_functions_module_is_imported_once_for_every_later_worker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Calls, replacements after a crash and max_tasks_per_worker restarts are forks of the
+    # zygote, which imported the function's module once (cv2, torch: seconds each).
+    log = tmp_path / "imports.log"
+    (tmp_path / "counted.py").write_text(IMPORT_COUNTER)
+    monkeypatch.setenv("IMPORT_LOG", str(log))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import counted  # type: ignore[import-not-found]
+
     try:
-        assert _start.os_threads() == before + 1
+        log.write_text("")
+        for _ in range(3):
+            assert mt.map(counted.crash_on, range(6), [-1] * 6, workers=2) == list(range(6))
+        got = mt.map(counted.crash_on, range(6), [2] * 6, workers=2, errors="return")
+        assert isinstance(got[2], mt.WorkerCrashed)
+        mt.map(counted.crash_on, range(6), [-1] * 6, workers=2, max_tasks_per_worker=1)
+        assert len(log.read_text().split()) == 1, log.read_text()
     finally:
-        stop.set()
-        other.join()
+        sys.modules.pop("counted", None)
+
+
+@needs_fork
+def test_workers_see_the_callers_environment_directory_and_path_of_the_moment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert mt.map(abs, [-1], workers=1) == [1]  # a zygote is up
+    monkeypatch.setenv("MULTITRACK_TEST_FLAG", "set later")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "latecomer.py").write_text("def where(_):\n    import os\n    return os.getcwd()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import latecomer  # type: ignore[import-not-found]
+
+    try:
+        assert mt.map(faults.environment, ["MULTITRACK_TEST_FLAG"], workers=1) == ["set later"]
+        assert mt.map(latecomer.where, [0], workers=1) == [str(tmp_path)]
+    finally:
+        sys.modules.pop("latecomer", None)
+
+
+@needs_fork
+@pytest.mark.timeout(60)
+def test_a_zygote_that_died_is_replaced() -> None:
+    assert mt.map(abs, [-1, -2], workers=2) == [1, 2]
+    [zygote] = _zygote._zygotes.values()
+    zygote.process.kill()
+    zygote.process.wait()
+    assert mt.map(abs, [-1, -2], workers=2) == [1, 2]
+    with mt.Pool(workers=2) as pool:  # and killed under a live pool: its workers live on
+        assert pool.map(abs, [-1, -2]) == [1, 2]
+        [zygote] = _zygote._zygotes.values()
+        zygote.process.kill()
+        zygote.process.wait()
+        assert pool.map(abs, [-3, -4]) == [3, 4]
+        got = pool.map(faults.sigkill_on, range(5), errors="return")
+        assert isinstance(got[3], mt.WorkerCrashed) and got[:3] == [0, 1, 2]
+
+
+def test_the_modules_a_function_needs_are_read_from_its_pickle() -> None:
+    import json
+    import pickle
+
+    from multitrack.backends import _wire
+
+    assert _zygote.modules_needed(pickle.dumps(json.dumps)) == ["json"]
+
+    def by_value(x: object) -> str:  # a local function: cloudpickle carries it by value
+        return json.dumps(x)
+
+    assert "json" in _zygote.modules_needed(_wire.dumps(by_value))
+    assert _zygote.modules_needed(b"not a pickle") == []
 
 
 @pytest.mark.usefixtures("each_start_method")
@@ -80,7 +217,7 @@ def test_native_thread_caps_reach_the_workers(monkeypatch: pytest.MonkeyPatch) -
     assert got == [per_worker, "3"]
 
 
-@needs_fork
+@pytest.mark.usefixtures("each_start_method")
 def test_forked_workers_do_not_share_numpy_random_state() -> None:
     np = pytest.importorskip("numpy")
     np.random.random()  # the caller's global generator exists before the workers start
@@ -94,7 +231,7 @@ def test_forked_workers_do_not_share_numpy_random_state() -> None:
     assert float(np.random.random()) not in first | second  # nor the caller's next ones
 
 
-@needs_fork
+@pytest.mark.usefixtures("each_start_method")
 def test_the_callers_signal_handlers_stay_in_the_caller() -> None:
     # A forked worker starts with the caller's Python handlers; a SIGTERM must kill it as it
     # kills a fresh interpreter, not run the caller's handler there.
@@ -111,7 +248,7 @@ def test_the_callers_signal_handlers_stay_in_the_caller() -> None:
     assert not ran
 
 
-@needs_fork
+@pytest.mark.usefixtures("each_start_method")
 def test_output_buffered_before_the_fork_is_printed_once(tmp_path: Path) -> None:
     # Without a flush before fork(), a worker's first print would carry the caller's
     # unflushed text along, and it would appear twice.
@@ -134,7 +271,9 @@ def test_output_buffered_before_the_fork_is_printed_once(tmp_path: Path) -> None
 
 
 @needs_fork
-def test_a_forked_worker_never_finalizes_the_callers_garbage(tmp_path: Path) -> None:
+def test_a_forked_worker_never_finalizes_the_callers_garbage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Garbage the caller had not collected yet is copied into a forked worker; collecting it
     # there would run its finalizer a second time, in the wrong process.
     marker = tmp_path / "finalized-by"
@@ -146,7 +285,7 @@ def test_a_forked_worker_never_finalizes_the_callers_garbage(tmp_path: Path) -> 
         def __del__(self) -> None:
             marker.write_text(str(os.getpid()))
 
-    assert _start.start_method() == "fork"
+    monkeypatch.setenv(_start.START_METHOD_ENV, "fork")
     gc.disable()
     try:
         Cycle()
@@ -212,12 +351,14 @@ print(mt.map(abs, [-1, -2], workers=2))
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("start", ["zygote", "fresh interpreters"])
 def test_a_package_that_shadows_the_standard_library_does_not_kill_fresh_workers(
-    tmp_path: Path,
+    tmp_path: Path, start: str
 ) -> None:
     source = SHADOWED.format(site=str(tmp_path / "site"))
+    without = "fork" if start == "fresh interpreters" else ""
     out = run_script(
-        tmp_path, f"import os\nos.environ['{_start.START_METHOD_ENV}'] = 'spawn'\n" + source
+        tmp_path, f"import os\nos.environ['{_platform.WITHOUT_ENV}'] = {without!r}\n" + source
     )
     assert out.strip() == "[1, 2]"
 

@@ -78,6 +78,7 @@ class PoolOptions(CallOptions, total=False):
     initializer: Callable[..., Any] | None
     initargs: tuple[Any, ...]
     max_tasks_per_worker: int | None
+    start_method: str | None
     address: str | None
     client: Any
 
@@ -116,6 +117,11 @@ def map(
         retry_delay: seconds before the first retry, doubled for each further one.
         initializer, initargs: ``initializer(*initargs)`` runs once in each worker at start.
         max_tasks_per_worker: replace a worker after this many tasks (for leaky code).
+        start_method: what a worker sees of the caller (``backend="process"``). ``"spawn"``
+            (default; ``MULTITRACK_START_METHOD`` changes it): what a fresh interpreter
+            would, the caller's modules imported anew, whatever threads the caller runs.
+            ``"fork"``: a fork of the caller, its module state and memory as they are at
+            the call (refused while another Python thread runs). See the README.
         address: with ``backend="dask"`` or ``"ray"``, the cluster to attach to (default:
             ``DASK_SCHEDULER_ADDRESS`` / an active dask client; ``RAY_ADDRESS`` / the Ray
             session already initialised; else a local cluster of ``workers`` processes,
@@ -198,8 +204,9 @@ def run_calls(
 class Pool:
     """Workers kept alive across several calls, so start-up (and the initializer) is paid once.
 
-    ``workers``, ``backend``, ``initializer``, ``initargs`` and ``max_tasks_per_worker`` belong
-    to the pool; the other options may be given here as defaults and overridden per call.
+    ``workers``, ``backend``, ``initializer``, ``initargs``, ``max_tasks_per_worker`` and
+    ``start_method`` belong to the pool; the other options may be given here as defaults and
+    overridden per call.
     Calls run one at a time. Leaving the ``with`` block (or ``close()``) stops the workers;
     so does interpreter exit.
 
@@ -429,6 +436,7 @@ def _new_backend(opts: Options) -> Backend:
         initializer=opts.initializer,
         initargs=opts.initargs,
         max_tasks_per_worker=opts.max_tasks_per_worker,
+        start_method=opts.start_method,
         address=opts.address,
         client=opts.client,
         fit_cluster=opts.fit_cluster,

@@ -27,6 +27,7 @@ from multitrack.backends import CAPABILITIES
 from multitrack.backends import NAMES as BACKENDS
 
 ERROR_MODES = ("raise", "return")
+START_METHODS = ("spawn", "fork")  # as backends._start.START_METHODS (not imported: os, signal)
 ON_CHANGE = ("keep", "restart", "refuse")  # as _checkpoint.ON_CHANGE (not imported: sqlite3)
 
 
@@ -47,6 +48,7 @@ class Options:
     initializer: Callable[..., Any] | None = None
     initargs: tuple[Any, ...] = ()
     max_tasks_per_worker: int | None = None
+    start_method: str | None = None  # how workers start: "spawn" or "fork" (None: the default)
     checkpoint: str | os.PathLike[str] | None = None  # the journal: finished tasks kept there
     key: Callable[[Any], Any] | None = None  # what names a task in the journal
     on_change: str = "keep"  # the function changed since the journal was written
@@ -144,6 +146,10 @@ def _choice_of(choices: tuple[str, ...]) -> Callable[[str, Any], str]:
         return value
 
     return check
+
+
+def _start_method(name: str, value: Any) -> str | None:
+    return None if value is None else _choice_of(START_METHODS)(name, value)
 
 
 def _seconds(name: str, value: Any, *, allow_zero: bool) -> float | None:
@@ -261,6 +267,7 @@ OPTIONS: dict[str, Option] = {
     "initializer": Option(_callable, pool=True),
     "initargs": Option(_initargs, pool=True),
     "max_tasks_per_worker": Option(_optional_positive, pool=True, needs="max_tasks_per_worker"),
+    "start_method": Option(_start_method, pool=True, needs="start_method"),
     "address": Option(_address, pool=True, needs="address"),
     "client": Option(_client, pool=True, needs="client"),
 }
@@ -337,6 +344,9 @@ _WHY_NOT: dict[str, Callable[[str], str]] = {
             "ray": "(Ray reuses its worker processes as it sees fit)",
         }.get(backend, "")
         + "; use backend='process'"
+    ),
+    "start_method": lambda backend: (
+        f"is how worker processes start: backend='process' only, not backend={backend!r}"
     ),
     "address": lambda backend: f"is for backend='dask' or 'ray', not backend={backend!r}",
     "client": lambda backend: f"is for backend='dask', not backend={backend!r}",

@@ -14,9 +14,10 @@ if TYPE_CHECKING:  # workers import this package and need none of it
 NAMES = ("process", "thread", "serial", "dask", "ray")
 #: what each backend can honour, for the options that need it (``_options.OPTIONS``):
 #: ``timeout`` needs a task to be stoppable or abandonable, ``max_tasks_per_worker`` workers
-#: that are ours to replace, ``address``/``client`` a cluster to attach to
+#: that are ours to replace, ``start_method`` processes we start, ``address``/``client`` a
+#: cluster to attach to
 CAPABILITIES: dict[str, frozenset[str]] = {
-    "process": frozenset({"timeout", "max_tasks_per_worker"}),
+    "process": frozenset({"timeout", "max_tasks_per_worker", "start_method"}),
     "thread": frozenset({"timeout", "max_tasks_per_worker"}),
     "serial": frozenset(),
     "dask": frozenset({"timeout", "address", "client"}),
@@ -33,6 +34,7 @@ def create(
     initializer: Callable[..., Any] | None = None,
     initargs: tuple[Any, ...] = (),
     max_tasks_per_worker: int | None = None,
+    start_method: str | None = None,
     address: str | None = None,
     client: Any = None,
     fit_cluster: bool = False,
@@ -49,7 +51,7 @@ def create(
     if name == "process":
         from multitrack.backends._process import ProcessBackend
 
-        return ProcessBackend(workers, **options)
+        return ProcessBackend(workers, start_method=start_method, **options)
     if name == "thread":
         from multitrack.backends._thread import ThreadBackend
 

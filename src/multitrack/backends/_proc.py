@@ -42,7 +42,7 @@ from multitrack.backends import _protocol as P
 from multitrack.backends import _wire
 from multitrack.backends._base import Chunk, Completed, Event, GivenBack, Lost, Output
 from multitrack.backends._channel import Channel
-from multitrack.backends._start import WorkerProcess, exited_within
+from multitrack.backends._start import WorkerProcess, exited_within, release
 from multitrack.backends._watch import Watch, wait_readable
 
 # A message to a worker and the large buffers that travel beside it in shared memory.
@@ -412,6 +412,7 @@ class WorkerHandle:
             if stream is not None and not stream.closed:
                 self._watch.discard(stream.fileno())
                 stream.close()
+        release(self.popen)
 
     def descriptors(self) -> list[int]:
         """Its open parent-side descriptors (a forked sibling must close them)."""

@@ -39,10 +39,11 @@ all descriptors is ``_watch``; how a process comes to life is ``_start``.
 * **Large buffers bypass the socket**: numpy arrays and the like travel in memfd shared
   memory beside the message (``_channel``): one copy, and nothing in ``/dev/shm`` to leak.
 
-Start method (``_start``): a worker is a ``fork()`` of the caller when the caller has a single
-OS thread (no lock can then be held by another thread), else a fresh interpreter. Either way
-the function travels pickled (cloudpickle for what plain pickle cannot carry), so no
-``if __name__ == "__main__"`` guard is needed and a script's functions behave the same in both.
+Start method (``_start``): by default a worker sees what a fresh interpreter would, whatever
+threads the caller runs; on Linux it is a fork of the zygote (``_zygote``), a clean process
+that imported the call's modules once. ``start_method="fork"`` forks the caller instead.
+Either way the function travels pickled (cloudpickle for what plain pickle cannot carry), so
+no ``if __name__ == "__main__"`` guard is needed.
 
 Output: each worker's stdout/stderr is a pipe read here and relayed line by line through the
 progress bar, so prints neither garble the bar nor vanish in a notebook.
@@ -64,7 +65,7 @@ from typing import IO, Any
 
 from multitrack._errors import WorkerStartError
 from multitrack.backends import _protocol as P
-from multitrack.backends import _wire
+from multitrack.backends import _start, _wire
 from multitrack.backends._base import Chunk, Completed, Event, Output, Running, print_through
 from multitrack.backends._channel import Channel
 from multitrack.backends._platform import HAS_MEMFD, HAS_PIDFD, require_posix
@@ -72,9 +73,10 @@ from multitrack.backends._pooled import PooledBackend
 from multitrack.backends._proc import Message, State, WorkerHandle
 from multitrack.backends._start import (
     ChildEnds,
-    ForkedProcess,
     exited_within,
-    start_method,
+    is_fork,
+    preload,
+    refuse_fork,
     start_worker,
     thread_limits,
 )
@@ -98,7 +100,7 @@ class ProcessBackend(PooledBackend):
 
     can_kill = True
 
-    def __init__(self, workers: int, **options: Any) -> None:
+    def __init__(self, workers: int, *, start_method: str | None = None, **options: Any) -> None:
         require_posix()
         super().__init__(workers, **options)  # initializer, initargs, max_tasks_per_worker
         self._procs: dict[int, WorkerHandle] = {}
@@ -113,7 +115,8 @@ class ProcessBackend(PooledBackend):
         self._closed = False
         self.startup_seconds = 0.0  # workers' time from their start to READY, in all
         self._thread_limits = thread_limits(workers)
-        start_method()  # a bad MULTITRACK_START_METHOD fails here, before any worker starts
+        # A bad MULTITRACK_START_METHOD fails here, before any worker starts.
+        self._start_method = _start.start_method(start_method)
         _live_backends.add(self)
 
     # -- call lifecycle -------------------------------------------------------------------
@@ -130,6 +133,12 @@ class ProcessBackend(PooledBackend):
             _dump_function(self.initargs, "initargs")
         self._init_payload = _dump_function((self.initializer, self.initargs, fn), "fn")
         self._fn_version += 1
+        if self._start_method == "fork":
+            reason = refuse_fork()
+            if reason is not None:
+                raise WorkerStartError(reason)
+        else:  # for this call's workers, and any that replace one of them
+            preload([self._init_payload], self._thread_limits)
         self._timed = timed
         self._output = output
         self._active = True
@@ -317,7 +326,7 @@ class ProcessBackend(PooledBackend):
                 # A forked child must not keep the parent's end of its own socket, nor of any
                 # other worker's: the worker would then never see EOF when the caller dies.
                 parent_ends = [parent_sock.fileno(), stacks_read, *_parent_ends()]
-                popen = start_worker(ends, parent_ends, self._thread_limits)
+                popen = start_worker(ends, parent_ends, self._thread_limits, self._start_method)
                 slot = mmap.mmap(slot_file.fileno(), P.SLOT_SIZE)
         except BaseException as exc:
             parent_sock.close()
@@ -337,7 +346,7 @@ class ProcessBackend(PooledBackend):
             self._watch,
             stacks=stacks_read,
             boot_deadline=time.monotonic() + BOOT_TIMEOUT,
-            forked=isinstance(popen, ForkedProcess),
+            forked=is_fork(popen),
         )
         self._next_key += 1
         self._procs[proc.key] = proc

@@ -1,33 +1,35 @@
-"""How a worker process of the process backend comes to life: forked, or a fresh interpreter.
+"""How a worker process of the process backend comes to life, and what it sees of the caller.
 
-Two ways, one worker (``_worker.run``) and one protocol after that::
+Two semantics, chosen by ``start_method`` (the option, else ``MULTITRACK_START_METHOD``)::
 
-    ProcessBackend._spawn ── start_worker(conn, slot) ──┬─ fork()   when it is safe  (~1 ms)
-                                                        └─ exec of a fresh Python    (~80 ms)
+    start_worker ──"spawn" (default)──┬─ fork of the zygote (Linux)        ~1 ms, _zygote
+                  │                   └─ exec of a fresh Python (elsewhere) ~80 ms + imports
+                  └──"fork"───────────── fork of the caller                ~1 ms
 
-**Fork when it is safe.** ``fork()`` copies the calling process as it is: its imported
-modules (nothing to import again in the worker) and its memory, copy-on-write. What makes it
-dangerous is threads: a lock another thread held at the fork (logging, malloc, OpenMP, a CUDA
-driver) stays held forever in the child, and macOS frameworks refuse to run after a fork at
-all. Python 3.12 warns on a fork with threads, and 3.14 moved multiprocessing off fork for
-that reason. So we fork only on Linux, and only when the process has exactly one OS thread
-(counted by the kernel, so native threads of OpenBLAS, torch or a CUDA driver count too): with
-no other thread, no lock can be held by one. Anything else gets a fresh interpreter, and so
-does every worker when ``MULTITRACK_START_METHOD=spawn`` is set.
+**"spawn": a worker is what a fresh interpreter started at the call would be**, on every path:
+the caller's ``sys.path`` in its order, its working directory and environment, its modules
+imported anew (their state as import leaves it), the function pickled (a script's function by
+value, with the values of the globals it names). Whether numpy, OpenCV, torch or anything else
+started a thread in the caller changes nothing, and neither does the platform. On Linux the
+workers are forks of the zygote (a clean process that imported the call's modules once, see
+``_zygote``); where fork is unsafe (macOS) or the zygote cannot be used, they are fresh
+interpreters. This is the default because it is the only semantics every path can keep: the
+caller can be forked safely only while it has no other thread, and which case a user got
+depended on what their imports did (a module global set at run time was seen, or not).
 
-A fork costs about a millisecond; a fresh interpreter tens of milliseconds plus the
-function's imports, once per worker (docs/performance.md).
+**"fork": a worker is a fork of the caller at the moment it starts**: it sees the caller's
+module state as it is then (globals set at run time, as mmengine's workers on Linux do) and
+shares its memory copy-on-write (a 2 GB lookup table in a global costs no copy). It is refused
+while the caller runs another Python thread (a lock that thread holds would stay held in every
+worker, forever), and where fork is unsafe (macOS). Native threads (OpenBLAS's pool) are the
+user's risk to take: OpenBLAS shuts its pool down around a fork; GNU OpenMP does not.
 
-**The same worker either way.** A forked child starts where a fresh interpreter would: its own
-session (a terminal's Ctrl-C reaches only the caller), the caller's signal handlers reset,
-stdin on ``/dev/null``, stdout and stderr on the pipes the parent relays, and the parent-side
-ends of every other worker's pipes closed (a sibling holding them would never see EOF when the
-caller dies). The function still arrives pickled, as it does in a fresh interpreter, so a
-function of the caller's script behaves the same in both. What differs is module state: a
-forked worker sees the caller's modules as they are at the fork (a fresh one imports them
-anew), and it never re-imports anything. ``random`` reseeds itself in a forked child; numpy's
-global generator is reseeded here, as a fresh interpreter would seed it. The child never
-returns into the caller's code: it leaves with ``os._exit``.
+**The same worker either way.** A forked child (of the caller or of the zygote) starts where a
+fresh interpreter would: its own session (a terminal's Ctrl-C reaches only the caller), signal
+handlers reset, stdin on ``/dev/null``, stdout and stderr on the pipes the parent relays, the
+parent-side ends of other workers' pipes closed (a sibling holding them would never see EOF
+when the caller dies), numpy's global generator reseeded (``random`` reseeds itself). The
+child never returns into the code it was forked from: it leaves with ``os._exit``.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from typing import IO, NamedTuple, Protocol
 
@@ -48,20 +51,19 @@ if CAN_FORK:
     # (1-2 ms of each worker's start, measured on a one-shot imap's first result).
     from multitrack.backends import _worker  # noqa: F401
 
-# Set to "spawn" to always start workers as fresh interpreters; "auto" (the default) forks
-# when the process has a single thread.
+# The default of the ``start_method`` option, for a whole script without editing it.
 START_METHOD_ENV = "MULTITRACK_START_METHOD"
-_START_METHODS = ("auto", "spawn")
+START_METHODS = ("spawn", "fork")
 
 _PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # A fresh interpreter's first line: the caller's sys.path, in the caller's order (marshal: a
-# builtin module, nothing to import), then the folder multitrack was imported from, *last*:
-# where that folder is site-packages, putting it first would let a package there shadow the
-# standard library (PyPI's ``typing`` backport kills every worker that way).
+# builtin module, nothing to import; the last argument), then the folder multitrack was
+# imported from, *last*: where that folder is site-packages, putting it first would let a
+# package there shadow the standard library (PyPI's ``typing`` backport kills every worker).
 _BOOT = (
-    "import sys, marshal; sys.path[:] = marshal.loads(bytes.fromhex(sys.argv[4])); "
+    "import sys, marshal; sys.path[:] = marshal.loads(bytes.fromhex(sys.argv[-1])); "
     f"sys.path.append({_PACKAGE_PARENT!r}); "
-    "from multitrack.backends._worker import main; main()"
+    "from {module} import main; main()"
 )
 # Native thread pools: without a cap every worker starts one thread per core and N workers
 # fight over N cores. A user's own setting wins.
@@ -83,27 +85,40 @@ class WorkerProcess(Protocol):
     def wait(self, timeout: float | None = None) -> int: ...
 
 
-def start_method() -> str:
-    """``"fork"`` or ``"spawn"``: how the next worker starts (see the module docstring)."""
-    wanted = os.environ.get(START_METHOD_ENV, "auto").strip().lower() or "auto"
-    if wanted not in _START_METHODS:
+def start_method(given: str | None = None) -> str:
+    """``"spawn"`` or ``"fork"``: ``given`` (the option), else ``MULTITRACK_START_METHOD``,
+    else ``"spawn"`` (see the module docstring). Raises ``ValueError`` for anything else."""
+    if given is not None:
+        if given not in START_METHODS:
+            raise ValueError(
+                f"start_method={given!r} is not a start method: use one of {START_METHODS}"
+            )
+        return given
+    wanted = os.environ.get(START_METHOD_ENV, "").strip().lower() or "spawn"
+    if wanted not in START_METHODS:
         raise ValueError(
-            f"{START_METHOD_ENV}={wanted!r} is not a start method: use one of {_START_METHODS}"
+            f"{START_METHOD_ENV}={wanted!r} is not a start method: use one of {START_METHODS}"
         )
-    if wanted == "auto" and CAN_FORK and os_threads() == 1:
-        return "fork"
-    return "spawn"
+    return wanted
 
 
-def os_threads() -> int:
-    """Threads of this process as the kernel counts them (native ones included); a large
-    number when it cannot tell, so that the answer errs on the safe side."""
-    try:
-        with open("/proc/self/stat", "rb") as stat:
-            fields = stat.read().rpartition(b")")[2].split()
-        return int(fields[17])  # field 20 of proc(5), counted after the command name
-    except (OSError, ValueError, IndexError):
-        return 1 << 30
+def refuse_fork() -> str | None:
+    """Why the caller cannot be forked now (``start_method="fork"``), or ``None``."""
+    if not CAN_FORK:
+        return (
+            "start_method='fork' is not available here: fork is unsafe on this platform "
+            "(or switched off by MULTITRACK_WITHOUT); use start_method='spawn'"
+        )
+    import threading
+
+    others = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
+    if others or len(sys._current_frames()) > 1:
+        return (
+            "start_method='fork' cannot fork this process while other Python threads run "
+            f"({', '.join(others) or 'unnamed'}): a lock one of them holds would stay locked in "
+            "every worker. Stop them before the call, or use start_method='spawn'"
+        )
+    return None
 
 
 def thread_limits(workers: int) -> dict[str, str]:
@@ -122,32 +137,91 @@ class ChildEnds(NamedTuple):
 
 
 def start_worker(
-    ends: ChildEnds, parent_ends: Sequence[int], limits: dict[str, str]
+    ends: ChildEnds, parent_ends: Sequence[int], limits: dict[str, str], method: str = "spawn"
 ) -> WorkerProcess:
-    """Start a worker on the child ``ends``. ``parent_ends`` are the parent's descriptors a
-    forked child must close; ``limits`` its native thread caps. Raises ``OSError`` when no
-    process can be started."""
-    if start_method() == "fork":
+    """Start a worker on the child ``ends`` by ``method``. ``parent_ends`` are the parent's
+    descriptors a fork of the caller must close; ``limits`` its native thread caps. Raises
+    ``OSError`` when no process can be started, ``WorkerStartError`` when ``method`` is
+    ``"fork"`` and the caller cannot be forked now."""
+    if method == "fork":
+        reason = refuse_fork()
+        if reason is not None:
+            from multitrack._errors import WorkerStartError
+
+            raise WorkerStartError(reason)
         return _fork(ends, parent_ends, limits)
+    env = {**os.environ, **limits}
+    if CAN_FORK:
+        forked = _fork_zygote(ends, env)
+        if forked is not None:
+            return forked
     import subprocess  # only here: 3-4 ms of a first call's imports, for a path forks skip
 
     return subprocess.Popen(
-        [sys.executable, "-c", _BOOT, *map(str, ends), _marshalled(sys.path)],
+        boot_command("multitrack.backends._worker", *ends),
         pass_fds=ends,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         start_new_session=True,
-        env={**os.environ, **limits},
+        env=env,
     )
 
 
-def _marshalled(path: list[str]) -> str:
-    """``sys.path`` for the boot line (entries that are not strings are dropped, as the
-    import system ignores them)."""
+def preload(payloads: Sequence[bytes], limits: dict[str, str]) -> None:
+    """Before a call's workers start: the zygote they will be forked from (started now, if
+    needed, so that it boots while the caller goes on) imports what ``payloads`` need."""
+    if not CAN_FORK:
+        return
+    from multitrack.backends import _zygote
+
+    zygote = _zygote.for_env({**os.environ, **limits})
+    if zygote is not None:
+        zygote.preload(name for payload in payloads for name in _zygote.modules_needed(payload))
+
+
+def _fork_zygote(ends: ChildEnds, env: dict[str, str]) -> WorkerProcess | None:
+    from multitrack.backends import _zygote
+
+    zygote = _zygote.for_env(env)
+    if zygote is None:
+        return None
+    out_read, out_write = os.pipe()
+    err_read, err_write = os.pipe()
+    try:
+        pid = zygote.fork((*ends, out_write, err_write))
+    finally:
+        os.close(out_write)
+        os.close(err_write)
+    if pid is None:
+        os.close(out_read)
+        os.close(err_read)
+        return None
+    stdout, stderr = (os.fdopen(fd, "rb", buffering=0) for fd in (out_read, err_read))
+    return _zygote.ZygoteProcess(zygote, pid, stdout, stderr)
+
+
+def boot_command(module: str, *fds: int) -> list[str]:
+    """The command of a fresh interpreter that runs ``module.main()`` on ``fds``, with the
+    caller's ``sys.path`` (entries that are not strings are dropped, as imports ignore them)."""
     import marshal
 
-    return marshal.dumps([entry for entry in path if isinstance(entry, str)]).hex()
+    path = marshal.dumps([entry for entry in sys.path if isinstance(entry, str)]).hex()
+    return [sys.executable, "-c", _BOOT.format(module=module), *map(str, fds), path]
+
+
+def is_fork(process: WorkerProcess) -> bool:
+    """Whether ``process`` was forked (up within milliseconds), not a fresh interpreter."""
+    from multitrack.backends._zygote import ZygoteProcess
+
+    return isinstance(process, ForkedProcess | ZygoteProcess)
+
+
+def release(process: WorkerProcess) -> None:
+    """The backend is done with ``process``: a zygote may reap it."""
+    done = getattr(process, "release", None)
+    if done is not None:
+        done()
 
 
 def _fork(ends: ChildEnds, parent_ends: Sequence[int], limits: dict[str, str]) -> WorkerProcess:
@@ -163,14 +237,18 @@ def _fork(ends: ChildEnds, parent_ends: Sequence[int], limits: dict[str, str]) -
     # the child: hold SIGINT until both sides are set (the parent gets it right after).
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
-        pid = os.fork()
+        with warnings.catch_warnings():
+            # Python 3.12+ warns of native threads too (OpenBLAS's pool); refuse_fork has
+            # ruled out Python threads, and the user chose this start method.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            pid = os.fork()
     except OSError:
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         for fd in (out_read, out_write, err_read, err_write):
             os.close(fd)
         raise
     if pid == 0:  # pragma: no cover - the child; covered by every test that forks a worker
-        _become_worker(
+        become_worker(
             ends,
             (out_write, err_write),
             closing=(out_read, err_read, *parent_ends),
@@ -184,13 +262,13 @@ def _fork(ends: ChildEnds, parent_ends: Sequence[int], limits: dict[str, str]) -
     return ForkedProcess(pid, stdout, stderr)
 
 
-def _become_worker(
+def become_worker(
     ends: ChildEnds,
     output: tuple[int, int],
     *,
     closing: tuple[int, ...],
     mask: set[int | signal.Signals],
-    limits: dict[str, str],
+    limits: dict[str, str] | None = None,
 ) -> None:  # pragma: no cover - runs in the forked child only
     """The forked child: set it up as a fresh worker would be, serve, and leave with
     ``os._exit``, whatever happens (returning would run the caller's code a second time)."""
@@ -208,7 +286,7 @@ def _become_worker(
             except OSError:
                 pass
         _redirect_std_streams(*output)
-        for name, value in limits.items():
+        for name, value in (limits or {}).items():
             os.environ.setdefault(name, value)
         _reseed_numpy()
         from multitrack.backends._worker import run

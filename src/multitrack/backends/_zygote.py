@@ -1,0 +1,465 @@
+"""The zygote: one clean process per caller, that workers are forked from (the default start).
+
+**What a worker sees of the caller** is what a fresh interpreter started at the call would
+see: the caller's ``sys.path`` (in its order), working directory and environment, and its
+modules imported anew, in the state their import leaves them (a module global the caller
+changed at run time is not seen changed; a function of the caller's script travels by value,
+with the values of the globals it names). This is the same whether or not numpy, OpenCV,
+torch or tqdm started a thread in the caller, on Linux and macOS alike, and it is the
+semantics of ``multiprocessing``'s forkserver (the default from Python 3.14). Forking the
+caller itself gave its module state of the moment instead, but only while the caller had no
+other thread: which of the two a user got depended on what their imports did (issue 13's
+``helper.SCALE``). ``start_method="fork"`` asks for that deliberately (``_start``).
+
+**As fast as a fork.** A fresh interpreter per worker costs tens of milliseconds, plus the
+function's imports (OpenCV, torch: seconds) in every worker of every call. The zygote is a
+fresh interpreter started once per caller process; before a call's workers start, it imports
+the modules the call's function needs ("preload", once), then forks each worker (~1 ms). The
+workers of later calls, replacements after a crash and ``max_tasks_per_worker`` restarts are
+all forks of it::
+
+    caller ──control socket (SOCK_SEQPACKET; descriptors by SCM_RIGHTS)──▶ zygote (own session)
+      │  "preload" sys.path, module names  ─▶  imported once, errors ignored (the worker
+      │                                         imports again and reports them)
+      │  "fork" cwd + the worker's 5 ends  ─▶  fork() ─▶ worker (child of the zygote)
+      │                       ◀─ "forked" pid
+      │                       ◀─ "exit" pid code     (learned with waitid(WNOWAIT): not reaped)
+      │  "release" pid        ─▶ reaped now
+      └── the worker's socket, slot and pipes are created by the caller, as for any worker
+
+**Supervising a worker that is not our child.** Its death wakes the caller's wait on a pidfd
+(any process of ours can have one) or its socket's EOF, as for any worker. Its exit status
+comes from the zygote, which reaps a worker only when the caller releases it: a pid the caller
+may still signal (a kill, a stack dump) is never reused meanwhile.
+
+**One zygote per environment.** Libraries read the environment when they are imported
+(``OMP_NUM_THREADS``, ``CUDA_VISIBLE_DEVICES``): a zygote is started with the caller's
+environment plus the workers' thread caps, and a caller whose environment changed gets a new
+one (the old one exits once its last worker is released).
+
+**Lifetime.** The zygote exits when its control socket reaches EOF: when the caller exits or
+dies (even by SIGKILL) or closes it. It runs no task and holds no result.
+
+**When it cannot be used** (it failed to start or died, or a preloaded module started a
+Python thread in it, so that forking it could copy a held lock), workers are fresh
+interpreters, as where ``fork`` is unsafe (macOS); the semantics are the same.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import pickletools
+import signal
+import socket
+import sys
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from typing import IO, Any
+
+from multitrack.backends._watch import wait_readable
+
+MAX_MESSAGE = 1 << 16  # control messages are small: a path list, names, a pid
+REPLY_TIMEOUT = 60.0  # for a fork: the zygote may be importing a heavy module first
+_DROPPED = -1  # a zygote that is gone cannot tell an exit status: this stands in
+
+
+# -- the caller's side ------------------------------------------------------------------------
+
+
+class Zygote:
+    """The caller's handle on one zygote process (see the module docstring)."""
+
+    def __init__(self, env: Mapping[str, str]) -> None:
+        import subprocess
+
+        from multitrack.backends._start import boot_command
+
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        with theirs:
+            self.process = subprocess.Popen(
+                boot_command("multitrack.backends._zygote", theirs.fileno()),
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,  # what an import prints there is no task's output
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+                env=dict(env),
+            )
+        ours.setblocking(False)
+        self._control = ours
+        self._preloaded: set[str] = set()
+        self._exits: dict[int, int] = {}
+        self._children: set[int] = set()  # forked and not released
+        self.usable = True  # False: gone, or unsafe to fork; workers start otherwise
+        self.retiring = False  # replaced: exits once its last worker is released
+
+    def preload(self, names: Iterable[str]) -> None:
+        """Have the zygote import ``names`` (once each) before its next fork."""
+        fresh = [name for name in names if name not in self._preloaded]
+        if fresh and self._send(("preload", [p for p in sys.path if isinstance(p, str)], fresh)):
+            self._preloaded.update(fresh)
+
+    def fork(self, fds: tuple[int, ...]) -> int | None:
+        """A worker forked on the child ends ``fds`` (socket, slot, stacks, stdout, stderr);
+        its pid, or ``None`` when the zygote cannot (then it is not used again)."""
+        if not self._send(("fork", os.getcwd()), fds):
+            return None
+        deadline = time.monotonic() + REPLY_TIMEOUT
+        while self.usable and (left := deadline - time.monotonic()) > 0:
+            for reply in self._receive(left):
+                if reply[0] == "forked":
+                    self._children.add(reply[1])
+                    return int(reply[1])
+                self.usable = False  # "unsafe": a thread there; or a failed fork
+        self.close()
+        return None
+
+    def exit_code(self, pid: int) -> int | None:
+        """``pid``'s exit status once known (``Popen.returncode``'s convention), or ``None``."""
+        for _ in self._receive(0.0):
+            pass
+        if pid in self._exits:
+            return self._exits[pid]
+        if not self.usable and not _exists(pid):
+            return _DROPPED  # the zygote is gone, and its worker too: no status to be had
+        return None
+
+    def wait(self, timeout: float) -> None:
+        """Until a message arrives or ``timeout`` seconds pass."""
+        if self.usable:
+            for _ in self._receive(timeout):
+                pass
+        else:
+            time.sleep(min(timeout, 0.01))
+
+    def release(self, pid: int) -> None:
+        """The caller is done with ``pid``: the zygote may reap it."""
+        self._children.discard(pid)
+        self._exits.pop(pid, None)
+        self._send(("release", pid))
+        if self.retiring and not self._children:
+            self.close()
+
+    def close(self) -> None:
+        """Let it exit (EOF on its socket); its workers are told nothing, and live on."""
+        self.usable = False
+        self._control.close()
+        if self.process.poll() is None:
+            _reap_later(self.process)
+
+    def _send(self, message: tuple[Any, ...], fds: tuple[int, ...] = ()) -> bool:
+        if not self.usable:
+            return False
+        try:
+            socket.send_fds(self._control, [pickle.dumps(message)], list(fds))
+            return True
+        except OSError:  # gone (EPIPE), or its queue full: not to be trusted any more
+            self.close()
+            return False
+
+    def _receive(self, timeout: float) -> Iterator[tuple[Any, ...]]:
+        """The replies waiting (after up to ``timeout`` seconds for the first); exit statuses
+        are kept, everything else is yielded."""
+        if self._control.fileno() < 0 or not wait_readable({self._control: None}, timeout):
+            return
+        while True:
+            try:
+                data = self._control.recv(MAX_MESSAGE)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:  # EOF: it died
+                self.close()
+                return
+            reply = pickle.loads(data)
+            if reply[0] == "exit":
+                self._exits[reply[1]] = reply[2]
+            else:
+                yield reply
+
+
+_zygotes: dict[tuple[tuple[str, str], ...], Zygote] = {}
+
+
+def for_env(env: Mapping[str, str]) -> Zygote | None:
+    """The zygote for workers with environment ``env``, started if needed; ``None`` when one
+    for ``env`` failed (workers then start as fresh interpreters)."""
+    key = tuple(sorted(env.items()))
+    found = _zygotes.get(key)
+    if found is not None:
+        if found.usable or found.process.poll() is None:
+            return found if found.usable else None
+        del _zygotes[key]  # it died: one more try
+    for other in _zygotes.values():
+        other.retiring = True
+        if not other._children:
+            other.close()
+    _zygotes.clear()
+    try:
+        _zygotes[key] = fresh = Zygote(env)
+    except OSError:
+        return None
+    return fresh
+
+
+def _forget_after_fork() -> None:  # pragma: no cover - runs in forked children
+    """A forked child (a worker of ``start_method="fork"``) starts its own zygote if it needs
+    one: the caller's is the caller's."""
+    for each in _zygotes.values():
+        try:
+            each._control.close()
+        except OSError:
+            pass
+    _zygotes.clear()
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
+
+
+class ZygoteProcess:
+    """A worker forked by a zygote, with the part of ``subprocess.Popen``'s interface the
+    backend uses."""
+
+    def __init__(self, zygote: Zygote, pid: int, stdout: IO[bytes], stderr: IO[bytes]) -> None:
+        self.pid = pid
+        self.stdout: IO[bytes] | None = stdout
+        self.stderr: IO[bytes] | None = stderr
+        self.returncode: int | None = None
+        self._zygote = zygote
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self.returncode = self._zygote.exit_code(self.pid)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            left = 1.0 if deadline is None else deadline - time.monotonic()
+            if left <= 0:
+                import subprocess
+
+                raise subprocess.TimeoutExpired(f"worker pid {self.pid}", timeout or 0.0)
+            self._zygote.wait(min(left, 1.0))
+        assert self.returncode is not None
+        return self.returncode
+
+    def release(self) -> None:
+        self._zygote.release(self.pid)
+
+
+def modules_needed(payload: bytes) -> list[str]:
+    """The modules a worker imports to unpickle ``payload``: those its globals live in, and
+    those cloudpickle rebuilds by name (``subimport``), as far as this process has them.
+
+    Example:
+        >>> import pickle, json
+        >>> modules_needed(pickle.dumps(json.dumps))
+        ['json']
+    """
+    found: list[str] = []
+    strings: list[str] = []  # the strings pushed, in order (a global's module and name)
+    memo: dict[int, str | None] = {}  # what was memoized: a string, or _IMPORTER
+    last: str | None = None  # the string the last opcode pushed, if it pushed one
+    importing = False  # the last global was cloudpickle's subimport: a module name follows
+    try:
+        for opcode, arg, _ in pickletools.genops(payload):
+            name, pushed = opcode.name, None
+            if isinstance(arg, str) and "UNICODE" in name:
+                pushed = arg
+            elif name in ("BINGET", "LONG_BINGET", "GET"):
+                pushed = memo.get(arg if isinstance(arg, int) else -1)
+                if pushed is _IMPORTER:  # cloudpickle's subimport again, memoized
+                    pushed, importing = None, True
+            elif name == "MEMOIZE":
+                memo[len(memo)] = last
+            elif name in ("BINPUT", "LONG_BINPUT", "PUT"):
+                memo[arg if isinstance(arg, int) else -1] = last
+            elif name in ("GLOBAL", "STACK_GLOBAL"):
+                if name == "GLOBAL":
+                    module, qualname = str(arg).split(" ", 1)
+                else:
+                    module, qualname = strings[-2:] if len(strings) >= 2 else ("", "")
+                found.append(module)
+                importing = qualname in ("subimport", "import_module")
+                last = _IMPORTER if importing else None
+                continue
+            if pushed is not None:
+                if importing:
+                    found.append(pushed)
+                    importing = False
+                strings.append(pushed)
+            if name not in ("MEMOIZE", "BINPUT", "LONG_BINPUT", "PUT"):
+                last = pushed
+    except Exception:  # a payload we cannot read through: the worker imports on its own
+        pass
+    return [
+        name
+        for name in dict.fromkeys(found)
+        if name in sys.modules and name != "__main__" and not name.startswith("multitrack")
+    ]
+
+
+_IMPORTER = "\0import"  # stands for cloudpickle's subimport in modules_needed's memo
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _reap_later(process: Any) -> None:
+    """A closed zygote exits at once; reap it when we next look (no zombie is left for long,
+    and none outlives the caller)."""
+    _closed.append(process)
+    _closed[:] = [each for each in _closed if each.poll() is None]
+
+
+_closed: list[Any] = []
+
+
+# -- the zygote's side --------------------------------------------------------------------------
+
+
+def main() -> None:  # pragma: no cover - runs in the zygote process
+    """The zygote's entry point (``python -c BOOT CONTROL_FD SYS_PATH``): serve until EOF."""
+    try:
+        _Server(int(sys.argv[1])).serve()
+    finally:
+        os._exit(0)
+
+
+class _Server:  # pragma: no cover - runs in the zygote process
+    """The zygote's loop: preload, fork, report exits, reap what is released."""
+
+    def __init__(self, control_fd: int) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        self.control = socket.socket(fileno=control_fd)
+        self.wake_read, self.wake_write = os.pipe()
+        for fd in (self.wake_read, self.wake_write):
+            os.set_blocking(fd, False)
+        signal.set_wakeup_fd(self.wake_write, warn_on_full_buffer=False)
+        signal.signal(signal.SIGCHLD, lambda *_: None)  # a handler: the wake-up fd is written
+        self.children: dict[int, bool] = {}  # pid -> released by the caller
+        self.exited: set[int] = set()  # reported to the caller, not released yet
+
+    def serve(self) -> None:
+        import select
+
+        control = self.control.fileno()
+        while True:
+            readable, _, _ = select.select([control, self.wake_read], [], [])
+            if self.wake_read in readable:
+                while _drained(self.wake_read):
+                    pass
+            self._report_exits()
+            if control in readable:
+                data, fds, _, _ = socket.recv_fds(self.control, MAX_MESSAGE, 8)
+                if not data:
+                    return  # the caller is gone
+                self._handle(pickle.loads(data), fds)
+
+    def _handle(self, message: tuple[Any, ...], fds: list[int]) -> None:
+        if message[0] == "preload":
+            _preload(message[1], message[2])
+        elif message[0] == "fork":
+            self._fork(message[1], fds)
+        elif message[0] == "release":
+            self.children[message[1]] = True
+            self._report_exits()
+
+    def _fork(self, cwd: str, fds: list[int]) -> None:
+        import threading
+
+        if len(fds) != 5 or threading.active_count() > 1 or len(sys._current_frames()) > 1:
+            self._reply(("unsafe",))  # a preloaded module started a thread: no fork here
+        else:
+            pid = _fork_worker(cwd, fds, closing=(self.control.fileno(), *self._wake_fds()))
+            if pid is None:
+                self._reply(("failed",))
+            else:
+                self.children[pid] = False
+                self._reply(("forked", pid))
+        for fd in fds:
+            os.close(fd)
+
+    def _wake_fds(self) -> tuple[int, int]:
+        return self.wake_read, self.wake_write
+
+    def _report_exits(self) -> None:
+        for pid, released in list(self.children.items()):
+            if pid not in self.exited:
+                try:
+                    info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+                except ChildProcessError:
+                    info = None
+                    released = True
+                if info is None:
+                    continue
+                code = info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
+                self.exited.add(pid)
+                self._reply(("exit", pid, code))
+            if released:
+                try:
+                    os.waitpid(pid, 0)
+                except ChildProcessError:
+                    pass
+                del self.children[pid]
+                self.exited.discard(pid)
+
+    def _reply(self, message: tuple[Any, ...]) -> None:
+        try:
+            self.control.send(pickle.dumps(message))
+        except OSError:
+            pass  # the caller is gone: the loop sees EOF next
+
+
+def _preload(path: list[str], names: list[str]) -> None:  # pragma: no cover - the zygote
+    import importlib
+
+    sys.path[:] = path
+    for name in names:
+        if name not in sys.modules:
+            try:
+                importlib.import_module(name)
+            except BaseException:  # the worker imports it again, and says what went wrong
+                pass
+
+
+def _fork_worker(
+    cwd: str, fds: list[int], *, closing: tuple[int, ...]
+) -> int | None:  # pragma: no cover - the zygote
+    import warnings
+
+    from multitrack.backends._start import ChildEnds, become_worker
+
+    with warnings.catch_warnings():
+        # Native threads (OpenBLAS's pool, after numpy's import) make 3.12+ warn; OpenBLAS
+        # stops its pool around a fork, and no Python thread runs here (checked above).
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            pid = os.fork()
+        except OSError:
+            return None
+    if pid == 0:
+        try:
+            os.chdir(cwd)
+        except OSError:
+            pass
+        conn, slot, stacks, out, err = fds
+        become_worker(ChildEnds(conn, slot, stacks), (out, err), closing=closing, mask=set())
+    return pid
+
+
+def _drained(fd: int) -> bool:  # pragma: no cover - the zygote
+    try:
+        return bool(os.read(fd, 512))
+    except BlockingIOError:
+        return False
