@@ -26,6 +26,7 @@ import pytest
 import faults
 import multitrack as mt
 from multitrack._mmengine import TTY_INTERVAL, TrackBar, format_bar
+from multitrack.backends import _platform
 
 _OFFSET = 0
 
@@ -156,7 +157,8 @@ def test_signatures_match_mmengine(name: str) -> None:
     # the keywords multitrack adds: keyword-only, after all of mmengine's, with a default
     added = [p for p in ours.values() if p.name not in theirs]
     assert all(p.kind is p.KEYWORD_ONLY and p.default is None for p in added)
-    assert [p.name for p in added] == (["checkpoint"] if name == "track_parallel_progress" else [])
+    expected = ["checkpoint", "start_method"] if name == "track_parallel_progress" else []
+    assert [p.name for p in added] == expected
     for param in added:
         del ours[param.name]
     assert list(ours) == list(theirs)
@@ -469,3 +471,14 @@ def test_the_drop_in_resumes_from_a_checkpoint(tmp_path: Path) -> None:
         16,
     ]
     assert sorted(int(name.split("-")[0]) for name in os.listdir(log_dir)) == [1, 2, 3, 4]
+
+
+@pytest.mark.skipif(not _platform.CAN_FORK, reason="fork is not available here")
+def test_the_drop_in_forks_the_caller_only_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    # mmengine forks the caller on Linux: a global set at run time is seen. multitrack's
+    # workers see the module as imported, unless start_method="fork" (the docstring says so).
+    monkeypatch.setattr(faults, "SCALE", 10)
+    out = io.StringIO()
+    assert mt.track_parallel_progress(faults.scaled, [1, 2], 2, file=out) == [1, 2]
+    got = mt.track_parallel_progress(faults.scaled, [1, 2], 2, file=out, start_method="fork")
+    assert got == [10, 20]

@@ -113,12 +113,24 @@ def track_parallel_progress(
     file: Writable | None = _STDOUT_AT_IMPORT,
     *,
     checkpoint: str | os.PathLike[str] | None = None,
+    start_method: str | None = None,
 ) -> list[Any]:
     """Run ``func(task)`` for every task on ``nproc`` worker processes, with mmengine's bar.
 
-    ``checkpoint`` (a keyword multitrack adds): a journal file; a rerun with the same file
-    returns the results stored there and runs only the missing tasks (see ``multitrack.map``).
-    ``track_progress`` has no such keyword: its keywords go to ``func``.
+    Keywords multitrack adds (``track_progress`` has none: its keywords go to ``func``):
+    ``checkpoint``, a journal file: a rerun with the same file returns the results stored
+    there and runs only the missing tasks (see ``multitrack.map``); ``start_method``, what a
+    worker sees of the caller (below).
+
+    One difference from mmengine on Linux: workers see the caller's modules imported anew,
+    not as the caller changed them at run time (mmengine forks the caller; multitrack's
+    workers are what a fresh interpreter would be, whatever threads the caller runs; see the
+    README's "How workers start"). With ``helper.py`` holding ``SCALE = 1``, a ``setup(s)``
+    that sets it and ``work(x)`` returning ``x * SCALE``::
+
+        helper.setup(10)
+        track_parallel_progress(helper.work, [1, 2, 3], 2)  # mmengine: [10, 20, 30]
+        # multitrack: [1, 2, 3]; with start_method="fork": [10, 20, 30], as mmengine
 
     ``tasks`` is any iterable, or ``(iterable, n)`` when the length is known but not available
     (a generator). ``nproc=None`` means every CPU this process may use. Results come in input
@@ -146,6 +158,8 @@ def track_parallel_progress(
     }
     if checkpoint is not None:
         options["checkpoint"] = checkpoint
+    if start_method is not None:
+        options["start_method"] = start_method
     skip = workers * chunksize if skip_first else 0
     bar = TrackBar(total, bar_width=bar_width, file=_resolve_file(file), skip=skip)
     try:

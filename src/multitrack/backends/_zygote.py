@@ -47,6 +47,7 @@ interpreters, as where ``fork`` is unsafe (macOS); the semantics are the same.
 
 from __future__ import annotations
 
+import atexit
 import os
 import pickle
 import pickletools
@@ -61,6 +62,7 @@ from multitrack.backends._watch import wait_readable
 
 MAX_MESSAGE = 1 << 16  # control messages are small: a path list, names, a pid
 REPLY_TIMEOUT = 60.0  # for a fork: the zygote may be importing a heavy module first
+CLOSE_WAIT = 0.1  # seconds a closed zygote gets to exit before it is left to exit on its own
 _DROPPED = -1  # a zygote that is gone cannot tell an exit status: this stands in
 
 
@@ -142,10 +144,15 @@ class Zygote:
             self.close()
 
     def close(self) -> None:
-        """Let it exit (EOF on its socket); its workers are told nothing, and live on."""
+        """Let it exit (EOF on its socket: at once, unless it is busy importing); its workers
+        are told nothing, and live on."""
         self.usable = False
         self._control.close()
-        if self.process.poll() is None:
+        import subprocess
+
+        try:
+            self.process.wait(CLOSE_WAIT)
+        except subprocess.TimeoutExpired:
             _reap_later(self.process)
 
     def _send(self, message: tuple[Any, ...], fds: tuple[int, ...] = ()) -> bool:
@@ -216,6 +223,21 @@ def _forget_after_fork() -> None:  # pragma: no cover - runs in forked children
 
 
 os.register_at_fork(after_in_child=_forget_after_fork)
+
+
+@atexit.register
+def _close_at_exit() -> None:
+    """At interpreter exit: zygotes with no worker left exit now; the others once the pools
+    that still hold their workers close (their exit handler runs after this one)."""
+    for each in list(_zygotes.values()):
+        each.retiring = True
+        if not each._children:
+            each.close()
+    _zygotes.clear()
+    for process in _closed:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 class ZygoteProcess:
