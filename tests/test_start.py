@@ -193,6 +193,37 @@ def test_a_zygote_that_died_is_replaced() -> None:
         assert isinstance(got[3], mt.WorkerCrashed) and got[:3] == [0, 1, 2]
 
 
+THREADED = """
+import os, threading, time
+if os.getpid() != int(os.environ["CALLER_PID"]):  # not in the test's own process
+    threading.Thread(target=time.sleep, args=(3600,), daemon=True).start()
+
+def double(x):
+    return 2 * x
+"""
+
+
+@needs_fork
+@pytest.mark.timeout(60)
+def test_a_module_that_starts_a_thread_on_import_is_never_forked_with_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Preloaded in the zygote, it would make forking the zygote copy a thread's locks: the
+    # zygote refuses, and workers are fresh interpreters (the same semantics), from then on.
+    (tmp_path / "threaded.py").write_text(THREADED)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("CALLER_PID", str(os.getpid()))  # and a zygote of its own
+    import threaded  # type: ignore[import-not-found]
+
+    try:
+        for _ in range(2):
+            assert mt.map(threaded.double, [1, 2, 3], workers=2) == [2, 4, 6]
+            [zygote] = _zygote._zygotes.values()
+            assert zygote.unsafe and not zygote.usable
+    finally:
+        sys.modules.pop("threaded", None)
+
+
 def test_the_modules_a_function_needs_are_read_from_its_pickle() -> None:
     import json
     import pickle

@@ -21,8 +21,8 @@ all forks of it::
     caller ──control socket (SOCK_SEQPACKET; descriptors by SCM_RIGHTS)──▶ zygote (own session)
       │  "preload" sys.path, module names  ─▶  imported once, errors ignored (the worker
       │                                         imports again and reports them)
-      │  "fork" cwd + the worker's 5 ends  ─▶  fork() ─▶ worker (child of the zygote)
-      │                       ◀─ "forked" pid
+      │  "fork" token, cwd + 5 child ends  ─▶  fork() ─▶ worker (child of the zygote)
+      │                       ◀─ "forked" token pid
       │                       ◀─ "exit" pid code     (learned with waitid(WNOWAIT): not reaped)
       │  "release" pid        ─▶ reaped now
       └── the worker's socket, slot and pipes are created by the caller, as for any worker
@@ -48,6 +48,7 @@ interpreters, as where ``fork`` is unsafe (macOS); the semantics are the same.
 from __future__ import annotations
 
 import atexit
+import itertools
 import os
 import pickle
 import pickletools
@@ -94,6 +95,9 @@ class Zygote:
         self._exits: dict[int, int] = {}
         self._children: set[int] = set()  # forked and not released
         self.usable = True  # False: gone, or unsafe to fork; workers start otherwise
+        self.unsafe = False  # a preloaded module started a thread: never used again
+        self._tokens = itertools.count()
+        self._awaited = -1  # the fork request whose reply is awaited
         self.retiring = False  # replaced: exits once its last worker is released
 
     def preload(self, names: Iterable[str]) -> None:
@@ -105,15 +109,21 @@ class Zygote:
     def fork(self, fds: tuple[int, ...]) -> int | None:
         """A worker forked on the child ends ``fds`` (socket, slot, stacks, stdout, stderr);
         its pid, or ``None`` when the zygote cannot (then it is not used again)."""
-        if not self._send(("fork", os.getcwd()), fds):
+        self._awaited = token = next(self._tokens)
+        if not self._send(("fork", token, os.getcwd()), fds):
             return None
         deadline = time.monotonic() + REPLY_TIMEOUT
-        while self.usable and (left := deadline - time.monotonic()) > 0:
-            for reply in self._receive(left):
-                if reply[0] == "forked":
-                    self._children.add(reply[1])
-                    return int(reply[1])
-                self.usable = False  # "unsafe": a thread there; or a failed fork
+        try:
+            while self.usable and (left := deadline - time.monotonic()) > 0:
+                for kind, _, pid in self._receive(left):
+                    if kind == "forked":
+                        self._children.add(pid)
+                        return int(pid)
+                    self.unsafe = kind == "unsafe"  # else "failed": fork() itself failed
+                    self.close()
+                    return None
+        finally:  # a reply that comes later (after Ctrl-C, say) is for nobody
+            self._awaited = -1
         self.close()
         return None
 
@@ -183,8 +193,10 @@ class Zygote:
             reply = pickle.loads(data)
             if reply[0] == "exit":
                 self._exits[reply[1]] = reply[2]
-            else:
+            elif reply[1] == self._awaited:
                 yield reply
+            elif reply[0] == "forked":  # for a request given up: its worker sees EOF and exits
+                self._send(("release", reply[2]))
 
 
 _zygotes: dict[tuple[tuple[str, str], ...], Zygote] = {}
@@ -196,7 +208,7 @@ def for_env(env: Mapping[str, str]) -> Zygote | None:
     key = tuple(sorted(env.items()))
     found = _zygotes.get(key)
     if found is not None:
-        if found.usable or found.process.poll() is None:
+        if found.usable or found.unsafe or found.process.poll() is None:
             return found if found.usable else None
         del _zygotes[key]  # it died: one more try
     for other in _zygotes.values():
@@ -392,23 +404,23 @@ class _Server:  # pragma: no cover - runs in the zygote process
         if message[0] == "preload":
             _preload(message[1], message[2])
         elif message[0] == "fork":
-            self._fork(message[1], fds)
+            self._fork(message[1], message[2], fds)
         elif message[0] == "release":
             self.children[message[1]] = True
             self._report_exits()
 
-    def _fork(self, cwd: str, fds: list[int]) -> None:
+    def _fork(self, token: int, cwd: str, fds: list[int]) -> None:
         import threading
 
         if len(fds) != 5 or threading.active_count() > 1 or len(sys._current_frames()) > 1:
-            self._reply(("unsafe",))  # a preloaded module started a thread: no fork here
+            self._reply(("unsafe", token, None))  # a preloaded module started a thread
         else:
             pid = _fork_worker(cwd, fds, closing=(self.control.fileno(), *self._wake_fds()))
             if pid is None:
-                self._reply(("failed",))
+                self._reply(("failed", token, None))
             else:
                 self.children[pid] = False
-                self._reply(("forked", pid))
+                self._reply(("forked", token, pid))
         for fd in fds:
             os.close(fd)
 
