@@ -62,6 +62,8 @@ class Outcome:
     # allowed on the run's cores (``benchmarks.one``)
     task_cpu_s: float | None = None
     floor_s: float | None = None
+    workers_floor_s: float | None = None  # the same tasks spread on all the workers
+    round: int | None = None  # the repeat it belongs to (runs of one round are paired)
     peak_mb: float | None = None
     output_bytes: int = 0
     leaked: int = 0
@@ -220,6 +222,7 @@ def _outcome(
         "speed": speed,
         "speed_level": speed_level,
         "own_cpu_seen": bool(spec.get("own_cpu_seen", True)),
+        "round": spec.get("round"),
     }
     if timed_out:
         return Outcome(status="timeout", message=f"no result after {timeout:g} s", **common)
@@ -228,14 +231,18 @@ def _outcome(
         return Outcome(status="crash", message=f"exit code {returncode}: {last}", **common)
     if not result.get("ok"):
         return Outcome(status="error", message=str(result.get("error", "?")), **common)
-    task_cpu, floor = result.get("task_cpu_s"), result.get("floor_s")
     return Outcome(
         status="ok",
         seconds=float(result["seconds"]),
-        task_cpu_s=None if task_cpu is None else float(task_cpu),
-        floor_s=None if floor is None else float(floor),
+        task_cpu_s=_float(result.get("task_cpu_s")),
+        floor_s=_float(result.get("floor_s")),
+        workers_floor_s=_float(result.get("workers_floor_s")),
         **common,
     )
+
+
+def _float(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 def _last_line(text: str) -> str:
