@@ -12,6 +12,7 @@ What happens here, in order::
     ┌ timer ───────────────────────────────────────────────────────────────┐
     │ mode "map":   start pool, map every task, stop pool  (contender.call) │
     │ mode "first": start pool, imap, first result          (contender.first)│
+    │ mode "cpu":   the call, with where its CPU went      (benchmarks.cpu_child)│
     └──────────────────────────────────────────────────────────────────────┘
     check(results)                   right results, right order              untimed
     write RESULT (JSON: ok, seconds, task_cpu_s, floor_s, workers_floor_s | error)
@@ -42,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.contenders import CONTENDERS
+from benchmarks.cpu_child import measure_cpu
 from benchmarks.tasks import CpuTimed
 from benchmarks.workloads import WORKLOADS, build_inputs, check, task_function
 
@@ -54,6 +56,8 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     key: str = spec["workload"]
     workers: int = spec["workers"]
     contender.load()
+    if spec["mode"] == "cpu":  # python -m benchmarks.cpu
+        return _cpu(measure_cpu(contender, key, spec["params"], workers, Path(spec["out_dir"])))
     fn = task_function(key)
     items = build_inputs(key, spec["params"], Path(spec["out_dir"]))
     gc.collect()
@@ -76,6 +80,13 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     if wrong is not None:
         return {"ok": False, "error": f"wrong results: {wrong}", "seconds": seconds}
     return outcome
+
+
+def _cpu(measured: dict[str, Any]) -> dict[str, Any]:
+    if not measured.pop("ok"):
+        return {"ok": False, "error": measured["error"]}
+    seconds, task_cpu = measured.pop("seconds"), measured.pop("task_cpu_s")
+    return {"ok": True, "seconds": seconds, "task_cpu_s": task_cpu, "detail": measured}
 
 
 def work_floor(task_cpu: list[float], cores: int) -> float:
