@@ -42,7 +42,7 @@ for _ in range(calls):
     mt.map(fn, items, workers=2, progress=False)
 """
 _PROCESS = re.compile(r"^process (\d+):")
-_THREAD = re.compile(r"^thread \((0x[0-9A-Fa-f]+)\)")
+_THREAD = re.compile(r"^thread \((\w+)\)")
 
 
 def summarize(raw: str, task_function: str) -> str:
@@ -59,13 +59,16 @@ def summarize(raw: str, task_function: str) -> str:
         stacks.append((pid, tid, frames[2:], int(number)))
     if not stacks:
         return "no samples"
-    root = min(pid for pid, _, _, _ in stacks)  # the caller started first
+    # py-spy may file a forked worker's stacks under the caller's pid: threads tell them apart
+    root = {tid for _, tid, f, _ in stacks if not any("_worker.py" in x for x in f)}
     task_threads = {(p, t) for p, t, f, _ in stacks if any(task_function in x for x in f)}
     places: Counter[str] = Counter()
     for pid, tid, frames, count in stacks:
         if any(task_function in frame for frame in frames):
             where = "worker, in the task"
-        elif pid == root:
+        elif any("Worker.tick" in frame or "_read (" in frame for frame in frames):
+            where = "worker, helper thread (py-spy counts its waits)"
+        elif tid in root:
             where = "caller"
         elif (pid, tid) in task_threads:
             where = "worker, task thread, outside the task"
