@@ -222,7 +222,7 @@ class _Session:
         memory = workloads.WORKLOADS[key].measures_memory
         names = _taking_part(args.names, key, args.repeat)
         jobs = [
-            (_spec(name, key, params, args.workers, "map"), memory)
+            (_spec(name, key, params, args.workers, "map", repeat), memory)
             for repeat in range(args.repeat)
             for name in runner.rotate(names, repeat)
             if CONTENDERS[name].runs_in(key, repeat, args.repeat)
@@ -235,7 +235,7 @@ class _Session:
         names = _taking_part(args.names, "cold", args.cold_runs)
         params = workloads.plan("cold", quick=args.quick, workdir=Path(), spin_s=0.0)
         jobs = [
-            (_spec(name, "cold", params, args.workers, "first"), False)
+            (_spec(name, "cold", params, args.workers, "first", repeat), False)
             for repeat in range(args.cold_runs)
             for name in runner.rotate(names, repeat)
             if CONTENDERS[name].runs_in("cold", repeat, args.cold_runs)
@@ -246,8 +246,11 @@ class _Session:
         return tuple(runner.run_all(jobs, self.settings, self.log.line))
 
 
-def _spec(name: str, key: str, params: dict[str, Any], workers: int, mode: str) -> dict[str, Any]:
+def _spec(
+    name: str, key: str, params: dict[str, Any], workers: int, mode: str, repeat: int
+) -> dict[str, Any]:
     return {
+        "round": repeat,
         "contender": name,
         "workload": key,
         "params": params,

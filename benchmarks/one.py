@@ -12,16 +12,20 @@ What happens here, in order::
     ┌ timer ───────────────────────────────────────────────────────────────┐
     │ mode "map":   start pool, map every task, stop pool  (contender.call) │
     │ mode "first": start pool, imap, first result          (contender.first)│
+    │ mode "cpu":   the call, with where its CPU went      (benchmarks.cpu_child)│
     └──────────────────────────────────────────────────────────────────────┘
     check(results)                   right results, right order              untimed
-    write RESULT (JSON: ok, seconds, task_cpu_s, floor_s | error)
+    write RESULT (JSON: ok, seconds, task_cpu_s, floor_s, workers_floor_s | error)
 
 On (a), (c) and (d) every task also reports the CPU time it took in its thread
 (``tasks.CpuTimed``). From those, ``floor_s`` is the shortest time the run could have taken on
 its cores, ``max(sum / cores, longest)``, at the speed the machine ran *that* run at. The
 time above it is what the library added (start-up and shutdown, idle cores, CPU its own
 threads and processes took from the tasks), and it is far steadier from run to run than the
-time itself on a machine whose speed drifts. Six runs of (c) on the 2-core VM: ``Pool.map``
+time itself on a machine whose speed drifts. ``workers_floor_s`` is the same bound on all the
+workers, also for the loop: the loop's is the floor every library is measured against, so a
+library whose tasks run slower than the loop's (helper threads, wake-ups, cache misses) is
+charged for it (``benchmarks.pairing``). Six runs of (c) on the 2-core VM: ``Pool.map``
 took 1.21-1.73 s, of which 26-143 ms beyond the floor; multitrack 1.26-1.67 s, of which 32-65.
 
 stdout and stderr belong to the bars (the runner points them at a log file or a pty), so the
@@ -39,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.contenders import CONTENDERS
+from benchmarks.cpu_child import measure_cpu
 from benchmarks.tasks import CpuTimed
 from benchmarks.workloads import WORKLOADS, build_inputs, check, task_function
 
@@ -51,6 +56,8 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
     key: str = spec["workload"]
     workers: int = spec["workers"]
     contender.load()
+    if spec["mode"] == "cpu":  # python -m benchmarks.cpu
+        return _cpu(measure_cpu(contender, key, spec["params"], workers, Path(spec["out_dir"])))
     fn = task_function(key)
     items = build_inputs(key, spec["params"], Path(spec["out_dir"]))
     gc.collect()
@@ -67,10 +74,19 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
             cores = 1 if contender.serial else workers
             outcome["task_cpu_s"] = sum(task_cpu)
             outcome["floor_s"] = work_floor(task_cpu, cores)
+            # the same tasks on every worker: the loop's is the yardstick of everyone's
+            outcome["workers_floor_s"] = work_floor(task_cpu, workers)
     wrong = check(key, items, results)
     if wrong is not None:
         return {"ok": False, "error": f"wrong results: {wrong}", "seconds": seconds}
     return outcome
+
+
+def _cpu(measured: dict[str, Any]) -> dict[str, Any]:
+    if not measured.pop("ok"):
+        return {"ok": False, "error": measured["error"]}
+    seconds, task_cpu = measured.pop("seconds"), measured.pop("task_cpu_s")
+    return {"ok": True, "seconds": seconds, "task_cpu_s": task_cpu, "detail": measured}
 
 
 def work_floor(task_cpu: list[float], cores: int) -> float:

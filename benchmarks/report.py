@@ -25,8 +25,9 @@ from collections.abc import Callable, Sequence
 
 from benchmarks import noise, proctree, runner
 from benchmarks.contenders import CLUSTER_MAX_RUNS, CONTENDERS, process_map_chunksize
+from benchmarks.pairing import Paired, paired, strongest_peer, task_cpu_ratio
 from benchmarks.results import Results, WorkloadResult
-from benchmarks.stats import Row, best_peer, find, typical_floor
+from benchmarks.stats import Row, find
 from benchmarks.workloads import describe, ideal_fraction
 
 __all__ = ["render"]
@@ -138,15 +139,14 @@ def _summary(results: Results) -> str:
     text = [
         "## Summary",
         "",
-        "multitrack's median time over the best peer's (the library other than multitrack with "
-        "the lowest median; **below 1 is a win**), the same ratio for the fastest run of each "
-        "(a cross-check when the machine was busy), and the number issue #4 asks for on each "
-        "workload. On (a), (c) and (d) every task also times its own work, which takes out "
-        "the machine's drift from run to run (up to 40% on a shared VM): each library's "
-        "**overhead** is the time it added to the work, and *at equal speed* is multitrack's "
-        "time over the best peer's had every run been as fast, the typical run's work plus "
-        "multitrack's overhead over the same work plus the least overhead of any peer (see "
-        "*Reading the tables*).",
+        "**multitrack / best peer** is paired: in each round (every contender runs once per "
+        "round, interleaved) multitrack's time over the peer's, then the median over the "
+        "rounds, with the lowest and highest round (**below 1 is a win**). The best peer is "
+        "the one multitrack does worst against by that figure. Beside it, the ratio of the "
+        "two medians, and of the two fastest runs (a cross-check when the machine was busy). "
+        "On (a), (c) and (d) every task also times its own CPU, and each library's "
+        "**overhead** is its time beyond the *loop's* tasks spread on the workers: a library "
+        "that slows the tasks themselves down is charged for it (see *Reading the tables*).",
         "",
         _table(
             [
@@ -155,9 +155,9 @@ def _summary(results: Results) -> str:
                 "multitrack s",
                 "best peer",
                 "its s",
-                "**multitrack / best peer**",
+                "**multitrack / best peer**, paired (range)",
+                "ratio of medians",
                 "same, fastest runs",
-                "same, at equal speed",
                 "also",
             ],
             rows,
@@ -171,9 +171,22 @@ def _summary(results: Results) -> str:
     return "\n".join(text)
 
 
+def _best(result: WorkloadResult) -> tuple[Row | None, Paired | None]:
+    """The strongest peer of a workload (``pairing.strongest_peer``), and the paired ratio."""
+    found = strongest_peer(result.outcomes, _not_cluster(result.rows))
+    return (None, None) if found is None else found
+
+
+def _paired_cell(figure: Paired | None) -> str:
+    if figure is None:
+        return DASH
+    return f"{_x(figure.median)} ({_x(figure.low)}{RANGE}{_x(figure.high)})"
+
+
 def _summary_row(result: WorkloadResult, workers: int) -> list[str]:
     rows = result.rows
-    mt, peer, loop = find(rows, "multitrack"), best_peer(rows), find(rows, "loop")
+    mt, loop = find(rows, "multitrack"), find(rows, "loop")
+    peer, figure = _best(result)
     mt_time = DASH if mt is None else _time_cell(mt)
     return [
         f"({result.workload.key}) {result.workload.name}",
@@ -181,9 +194,9 @@ def _summary_row(result: WorkloadResult, workers: int) -> list[str]:
         mt_time,
         DASH if peer is None else peer.contender,
         DASH if peer is None else _time_cell(peer),
-        f"**{_x(mt.ratio_to(peer) if mt else None)}**",
+        f"**{_paired_cell(figure)}**",
+        _x(mt.ratio_to(peer) if mt else None),
         _x(_min_ratio(rows)),
-        _x(_equal_speed_ratio(result)),
         _also(result, workers),
     ]
 
@@ -198,19 +211,9 @@ def _min_ratio(rows: Sequence[Row]) -> float | None:
     return mt.min_s / min(peers)
 
 
-def _equal_speed_ratio(result: WorkloadResult) -> float | None:
-    """multitrack's time over the best peer's had the machine run at one speed for all: the
-    typical run's floor plus each one's overhead, against the peer with the least."""
-    floor, rows = typical_floor(result.outcomes), result.rows
-    mt, least = find(rows, "multitrack"), _least_overhead_peer(rows)
-    if floor is None or mt is None or mt.overhead_s is None or least is None:
-        return None
-    return (floor + mt.overhead_s) / (floor + (least.overhead_s or 0.0))
-
-
 def _also(result: WorkloadResult, workers: int) -> str:
     rows, key = result.rows, result.workload.key
-    mt, peer, loop = find(rows, "multitrack"), best_peer(rows), find(rows, "loop")
+    mt, loop, peer = find(rows, "multitrack"), find(rows, "loop"), _best(result)[0]
     if mt is None:
         return ""
     if key == "b":
@@ -225,13 +228,13 @@ def _also(result: WorkloadResult, workers: int) -> str:
     if key in ("c", "a"):
         return (
             f"efficiency {_pct(_efficiency(mt, loop, workers))} "
-            f"(best peer {_pct(_efficiency(peer, loop, workers))}); {_overhead_words(rows)}"
+            f"(best peer {_pct(_efficiency(peer, loop, workers))}); {_overhead_words(result)}"
         )
     if key == "d":
         ideal = _ideal_s(result, workers)
         return (
             f"{_x(_to_ideal(mt, ideal))}x the ideal schedule "
-            f"(best peer {_x(_to_ideal(peer, ideal))}x); {_overhead_words(rows)}"
+            f"(best peer {_x(_to_ideal(peer, ideal))}x); {_overhead_words(result)}"
         )
     lowest = min((r for r in _not_cluster(rows) if r.peak_mb is not None), key=_peak, default=None)
     return (
@@ -240,14 +243,23 @@ def _also(result: WorkloadResult, workers: int) -> str:
     )
 
 
-def _overhead_words(rows: Sequence[Row]) -> str:
-    """multitrack's overhead, the best peer's, and the lowest of any peer's."""
-    mt, peer, least = find(rows, "multitrack"), best_peer(rows), _least_overhead_peer(rows)
+def _overhead_words(result: WorkloadResult) -> str:
+    """multitrack's overhead, the best peer's, and the lowest of any peer's; then how much
+    slower the tasks ran under each than in the loop."""
+    rows = result.rows
+    mt, peer, least = find(rows, "multitrack"), _best(result)[0], _least_overhead_peer(rows)
     words = f"overhead {_ms(mt.overhead_s if mt else None)} ms "
     words += f"(best peer {_ms(peer.overhead_s if peer else None)}"
     if least is not None and peer is not None and _ms(least.overhead_s) != _ms(peer.overhead_s):
         words += f", least of the peers {_ms(least.overhead_s)}: {least.contender}"
-    return words + ")"
+    mt_cpu = task_cpu_ratio(result.outcomes, "multitrack")
+    peer_cpu = None if peer is None else task_cpu_ratio(result.outcomes, peer.contender)
+    if mt_cpu is None:
+        return words + ")"
+    return (
+        words + f"); task CPU {_x(mt_cpu.median)}x the loop's "
+        f"(best peer {_x(peer_cpu.median if peer_cpu else None)}x)"
+    )
 
 
 def _least_overhead_peer(rows: Sequence[Row]) -> Row | None:
@@ -446,11 +458,17 @@ each run is set against its own work, which takes out the drift of the machine's
 between one run and the next (the loop ran minutes apart from the row, at another speed):
 there **efficiency** is the tasks' CPU time over the run's time x {results.workers} (the share of
 the cores that ran tasks), **/ ideal** is the run's time over the shortest its tasks allow on
-its cores, max(all their CPU time / cores, the longest one), and **overhead ms** is the
-difference between the two: what the library added to the work. Each is the median over the
-runs. The overhead holds start-up and shutdown, idle cores, and CPU that the library's own
-processes and threads took from the tasks; the loop's row, one core, shows what it reads
-when nothing is added. **bar output** is what the run wrote to stdout and stderr."""
+its cores, max(all their CPU time / cores, the longest one). **overhead ms** is the run's time
+beyond the *loop's* work spread on the {results.workers} workers (the loop's tasks' CPU time,
+median over its runs): what the library added, including any slowdown of the tasks
+themselves (its helper threads taking the GIL, its parent waking on the workers' cores);
+**own overhead ms** is the time beyond the run's own tasks' floor, which counts such a
+slowdown as work; **task CPU / loop's** is, round by round, the tasks' CPU time under the
+library over the loop's in the same round (the median: above 1, the library slows the tasks
+down). Each is the median over the runs. The loop's row, one core, shows its own overhead:
+what it reads when nothing is added. **multitrack / this, paired** is, in each round,
+multitrack's time over the row's, the median over the rounds and the range. **bar output**
+is what the run wrote to stdout and stderr."""
 
 
 def _contenders(results: Results) -> str:
@@ -480,6 +498,7 @@ def _workload_section(result: WorkloadResult, workers: int) -> str:
         "speedup vs loop",
         "efficiency",
         "/ multitrack",
+        "multitrack / this, paired",
         *extra_header,
         "bar output",
     ]
@@ -491,6 +510,7 @@ def _workload_section(result: WorkloadResult, workers: int) -> str:
             _x(row.speedup(loop)),
             _pct(_efficiency(row, loop, workers)),
             _x(row.ratio_to(mt)),
+            _paired_to_mt(result, row),
             *(cell(row) for cell in extra),
             _bytes(row.output_bytes),
         ]
@@ -511,6 +531,13 @@ def _workload_section(result: WorkloadResult, workers: int) -> str:
             f"**/ ideal** is over its own floor, the same bound from its tasks' CPU times."
         )
     return f"{intro}\n\n{_table(header, body)}"
+
+
+def _paired_to_mt(result: WorkloadResult, row: Row) -> str:
+    """multitrack's time over this row's, round by round (median and range)."""
+    if row.contender == "multitrack" or CONTENDERS[row.contender].warm:
+        return DASH
+    return _paired_cell(paired(result.outcomes, "multitrack", row.contender))
 
 
 def _extra_columns(
@@ -537,7 +564,14 @@ def _extra_columns(
 
         header, cells = ["/ ideal"], [to_ideal]
     if result.workload.times_work:
-        header, cells = [*header, "overhead ms"], [*cells, lambda row: _ms(row.overhead_s)]
+
+        def task_cpu(row: Row) -> str:
+            figure = task_cpu_ratio(result.outcomes, row.contender)
+            return DASH if figure is None else _x(figure.median)
+
+        header = [*header, "overhead ms", "own overhead ms", "task CPU / loop's"]
+        cells = [*cells, lambda row: _ms(row.overhead_s), lambda row: _ms(row.own_overhead_s)]
+        cells.append(task_cpu)
     if result.workload.measures_memory:
         header, cells = ["peak MB"], [lambda row: _mb(row.peak_mb)]
     return header, cells

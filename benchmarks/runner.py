@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks import noise, proctree
+from benchmarks import noise, proctree, threads
 from benchmarks.sinks import make_sink
 
 __all__ = ["ROOT", "Outcome", "Settings", "child_env", "rotate", "run_all", "run_one"]
@@ -62,6 +62,8 @@ class Outcome:
     # allowed on the run's cores (``benchmarks.one``)
     task_cpu_s: float | None = None
     floor_s: float | None = None
+    workers_floor_s: float | None = None  # the same tasks spread on all the workers
+    round: int | None = None  # the repeat it belongs to (runs of one round are paired)
     peak_mb: float | None = None
     output_bytes: int = 0
     leaked: int = 0
@@ -73,6 +75,9 @@ class Outcome:
     speed_level: float = 1.0  # the same vs the fastest probe of the benchmark run
     discarded: int = 0  # disturbed attempts thrown away before this one
     own_cpu_seen: bool = True  # False: part of the run's own CPU counts in foreign_cores
+    # mode "cpu" (benchmarks.cpu): the child's figures and, under "threads", every thread of
+    # its tree as sampled from outside (benchmarks.threads)
+    detail: dict[str, Any] | None = None
 
     @property
     def disturbed(self) -> bool:
@@ -111,8 +116,11 @@ def child_env(token: str, code: Path = ROOT) -> dict[str, str]:
     return env
 
 
-def run_one(spec: dict[str, Any], settings: Settings, *, measure_memory: bool) -> Outcome:
-    """Run one measurement in a fresh subprocess (see the module docstring)."""
+def run_one(
+    spec: dict[str, Any], settings: Settings, *, measure_memory: bool, watch_threads: bool = False
+) -> Outcome:
+    """Run one measurement in a fresh subprocess (see the module docstring); with
+    ``watch_threads``, every thread of its tree is sampled (``benchmarks.threads``)."""
     busy, settled = noise.wait_quiet(settings.settle)
     speed_before = settings.probe.measure()
     token = uuid.uuid4().hex
@@ -133,8 +141,10 @@ def run_one(spec: dict[str, Any], settings: Settings, *, measure_memory: bool) -
         sink.after_spawn()
         try:
             sampler = proctree.PeakSampler(child.pid) if measure_memory else None
+            watcher = threads.ThreadSampler(child.pid) if watch_threads else None
             timed_out = _wait(child, settings.timeout)
             peak = sampler.stop() if sampler is not None else None
+            seen = watcher.stop() if watcher is not None else None
             left = proctree.wait_gone(token, 0.0 if timed_out else LEAK_GRACE_S)
         except BaseException:  # Ctrl-C or SIGTERM of the runner: take the measurement down too
             _kill_session(child.pid)
@@ -148,6 +158,8 @@ def run_one(spec: dict[str, Any], settings: Settings, *, measure_memory: bool) -
         foreign_cores = foreign.stop()
         speed_after = settings.probe.measure()
         result = _read_json(result_path)
+    if result is not None and seen is not None and result.get("detail") is not None:
+        result["detail"]["threads"] = seen
     return _outcome(
         spec,
         child.returncode,
@@ -220,6 +232,7 @@ def _outcome(
         "speed": speed,
         "speed_level": speed_level,
         "own_cpu_seen": bool(spec.get("own_cpu_seen", True)),
+        "round": spec.get("round"),
     }
     if timed_out:
         return Outcome(status="timeout", message=f"no result after {timeout:g} s", **common)
@@ -228,14 +241,19 @@ def _outcome(
         return Outcome(status="crash", message=f"exit code {returncode}: {last}", **common)
     if not result.get("ok"):
         return Outcome(status="error", message=str(result.get("error", "?")), **common)
-    task_cpu, floor = result.get("task_cpu_s"), result.get("floor_s")
     return Outcome(
         status="ok",
         seconds=float(result["seconds"]),
-        task_cpu_s=None if task_cpu is None else float(task_cpu),
-        floor_s=None if floor is None else float(floor),
+        task_cpu_s=_float(result.get("task_cpu_s")),
+        floor_s=_float(result.get("floor_s")),
+        workers_floor_s=_float(result.get("workers_floor_s")),
+        detail=result.get("detail"),
         **common,
     )
+
+
+def _float(value: Any) -> float | None:
+    return None if value is None else float(value)
 
 
 def _last_line(text: str) -> str:

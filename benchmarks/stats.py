@@ -8,12 +8,12 @@
   (not the loop, not multitrack's own rows); a peer counts if at least one of its runs worked,
   its failures are shown next to it.
 * **multitrack / best peer**: below 1, multitrack wins.
-* **overhead** ((a), (c), (d)): the median over runs of the time beyond the run's work floor
-  (``benchmarks.one``): what the library added to the work. Each run is measured against its
-  own floor, so a slow spell of the machine lengthens both and cancels out.
-* **at equal speed**: the typical run's floor (the median over every run on the workers)
-  plus a row's overhead is the time it would take if the machine had run at the same speed
-  for everyone; multitrack's over the least of any peer's is the summary's last ratio.
+* **overhead** ((a), (c), (d)): the median over runs of the time beyond the *loop's* work
+  floor (``loop_floor``): the loop's tasks' CPU time spread on the workers. A library that
+  slows the tasks themselves down (helper threads, wake-ups on the workers' cores) is charged
+  for it. **own overhead** is the older figure, the time beyond the run's own tasks' floor
+  (``benchmarks.one``), which counts such a slowdown as work; the loop's row (one core) shows
+  that one, what it adds to its own work. Paired figures: ``benchmarks.pairing``.
 * **cores busy** and **/ floor** (same workloads), per run and then the median: the tasks' CPU
   time over the run's time (how many cores ran tasks, on average; over the workers, the
   efficiency), and the run's time over its floor (over the best possible schedule). Both
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from benchmarks.contenders import CONTENDERS
 from benchmarks.runner import Outcome
 
-__all__ = ["Row", "best_peer", "find", "make_rows", "typical_floor"]
+__all__ = ["Row", "best_peer", "find", "loop_floor", "make_rows", "typical_floor"]
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,8 @@ class Row:
     median_s: float | None
     min_s: float | None
     max_s: float | None
-    overhead_s: float | None  # median of (seconds - floor_s) over runs that have a floor
+    overhead_s: float | None  # median of (seconds - the loop's floor on the workers)
+    own_overhead_s: float | None  # median of (seconds - floor_s): beyond its own tasks' CPU
     cores_busy: float | None  # median of task_cpu_s / seconds
     over_floor: float | None  # median of seconds / floor_s
     peak_mb: float | None  # median over successful runs of the peak RSS sum of the process tree
@@ -78,10 +79,22 @@ def make_rows(outcomes: Iterable[Outcome], order: Sequence[str]) -> list[Row]:
     by_name: dict[str, list[Outcome]] = {}
     for outcome in outcomes:
         by_name.setdefault(outcome.contender, []).append(outcome)
-    return [_row(name, by_name[name]) for name in order if name in by_name]
+    floor = loop_floor(o for runs in by_name.values() for o in runs)
+    return [_row(name, by_name[name], floor) for name in order if name in by_name]
 
 
-def _row(name: str, outcomes: list[Outcome]) -> Row:
+def loop_floor(outcomes: Iterable[Outcome]) -> float | None:
+    """The loop's tasks spread evenly on the workers, ``max(CPU / workers, longest)``: the
+    median over the loop's runs of their ``workers_floor_s``."""
+    floors = [
+        o.workers_floor_s
+        for o in outcomes
+        if o.contender == "loop" and o.status == "ok" and o.workers_floor_s is not None
+    ]
+    return statistics.median(floors) if floors else None
+
+
+def _row(name: str, outcomes: list[Outcome], floor: float | None) -> Row:
     times = [o.seconds for o in outcomes if o.status == "ok" and o.seconds is not None]
     peaks = [o.peak_mb for o in outcomes if o.peak_mb is not None and o.status == "ok"]
     measured = [
@@ -89,8 +102,12 @@ def _row(name: str, outcomes: list[Outcome]) -> Row:
         for o in outcomes
         if o.status == "ok" and o.seconds and o.floor_s
     ]
-    overheads = [seconds - floor for seconds, floor, _ in measured]
-    over_floor = [seconds / floor for seconds, floor, _ in measured]
+    own = [seconds - own_floor for seconds, own_floor, _ in measured]
+    if CONTENDERS[name].serial or floor is None:
+        overheads = own if CONTENDERS[name].serial else []
+    else:
+        overheads = [seconds - floor for seconds, _, _ in measured]
+    over_floor = [seconds / own_floor for seconds, own_floor, _ in measured]
     busy = [cpu / seconds for seconds, _, cpu in measured if cpu is not None]
     failed = [o for o in outcomes if o.status != "ok"]
     kinds = Counter(o.status for o in failed)
@@ -102,6 +119,7 @@ def _row(name: str, outcomes: list[Outcome]) -> Row:
         min_s=min(times) if times else None,
         max_s=max(times) if times else None,
         overhead_s=statistics.median(overheads) if overheads else None,
+        own_overhead_s=statistics.median(own) if own else None,
         cores_busy=statistics.median(busy) if busy else None,
         over_floor=statistics.median(over_floor) if over_floor else None,
         peak_mb=statistics.median(peaks) if peaks else None,

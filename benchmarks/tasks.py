@@ -26,6 +26,7 @@ not pay for importing them in every worker.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ __all__ = [
     "IMAGE_SIZE",
     "CpuTimed",
     "ResizeJob",
+    "Traced",
     "array_sum",
     "identity",
     "make_array",
@@ -71,6 +73,22 @@ class CpuTimed(Generic[T]):
         started = time.thread_time()
         result = self.fn(arg)
         return result, time.thread_time() - started
+
+
+class Traced(Generic[T]):
+    """``fn`` that also says where and when it ran: ``(result, cpu seconds, start, end, pid,
+    thread id)``, start and end on ``time.monotonic`` (one clock for every process of the
+    machine). ``benchmarks.cpu`` learns from it which processes and threads ran tasks, how much
+    CPU they took, and how long a call took to return after its last task ended."""
+
+    def __init__(self, fn: Callable[[Any], T]) -> None:
+        self.fn = fn
+
+    def __call__(self, arg: Any) -> tuple[T, float, float, float, int, int]:
+        started, cpu = time.monotonic(), time.thread_time()
+        result = self.fn(arg)
+        cpu, ended = time.thread_time() - cpu, time.monotonic()
+        return result, cpu, started, ended, os.getpid(), threading.get_native_id()
 
 
 @dataclass(frozen=True)

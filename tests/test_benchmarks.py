@@ -17,8 +17,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import one, report, tasks, workloads
+from benchmarks import results as saved
 from benchmarks.contenders import CLUSTER_MAX_RUNS, CONTENDERS, DEFAULT
 from benchmarks.machine import Machine
+from benchmarks.pairing import Paired, paired, strongest_peer, task_cpu_ratio
 from benchmarks.results import Results, WorkloadResult
 from benchmarks.runner import ROOT, Outcome, rotate
 from benchmarks.stats import best_peer, make_rows
@@ -37,9 +39,11 @@ def test_quick_run_writes_a_table_with_a_time_per_contender(tmp_path: Path) -> N
             "--only",
             "b",
             "--contenders",
-            "loop,multitrack",
+            "loop,multitrack,pool-map",
             "--write",
             str(out),
+            "--json",
+            str(tmp_path / "runs.json"),
         ],
         cwd=ROOT,
         capture_output=True,
@@ -57,6 +61,11 @@ def test_quick_run_writes_a_table_with_a_time_per_contender(tmp_path: Path) -> N
         assert row is not None, f"no timed row for {label}:\n{report}"
         assert float(row.group(1)) > 0
     assert "None: every run finished" in report
+    # the paired column, against the one peer that ran, and every run knows its round
+    assert "**multitrack / best peer**, paired (range)" in report
+    assert re.search(r"^\| \(b\) trivial \|.*\| pool-map \|.*\| \*\*[0-9.]+ \(", report, re.M)
+    outcomes = [o for w in saved.load(tmp_path / "runs.json").workloads for o in w.outcomes]
+    assert {o.round for o in outcomes} == {0}
 
 
 def test_spin_results_have_a_closed_form() -> None:
@@ -103,13 +112,15 @@ def test_measure_reports_the_work_floor_on_cpu_workloads_only(tmp_path: Path) ->
     assert spin["ok"], spin  # results unwrapped from their CPU times, then checked
     assert 0 < spin["floor_s"] <= spin["seconds"]  # the loop adds next to nothing to its work
     assert spin["task_cpu_s"] == spin["floor_s"]  # one core: the floor is all the work
+    # ... and the yardstick of the others: the same tasks spread on the 2 workers
+    assert spin["workers_floor_s"] == pytest.approx(spin["task_cpu_s"] / 2)
     trivial = one.measure({**spec, "workload": "b", "params": {"count": 10}})
     assert trivial["ok"] and "floor_s" not in trivial and "task_cpu_s" not in trivial
 
 
-def test_each_run_is_measured_against_its_own_work() -> None:
+def test_own_overhead_measures_each_run_against_its_own_work() -> None:
     # the machine ran slow in the second run: a longer time, more CPU time in the tasks, a
-    # higher floor; the overhead, the efficiency and the time over the floor stay the same
+    # higher floor; the own overhead, the efficiency and the time over the floor stay the same
     runs = [(2.0, 3.8, 1.9), (3.0, 5.8, 2.9), (2.1, 3.8, 1.9), (2.2, None, None)]
     outcomes = [
         Outcome("multitrack", "c", "ok", seconds=s, task_cpu_s=cpu, floor_s=floor)
@@ -117,20 +128,82 @@ def test_each_run_is_measured_against_its_own_work() -> None:
     ]
     outcomes.append(Outcome("multitrack", "c", "timeout"))
     (row,) = make_rows(outcomes, ["multitrack"])
-    assert row.overhead_s == pytest.approx(0.1)
+    assert row.own_overhead_s == pytest.approx(0.1)
+    assert row.overhead_s is None  # no loop ran: nothing to measure against
     assert row.cores_busy == pytest.approx(1.9)  # 3.8 / 2.0 (5.8 / 3.0 and 3.8 / 2.1 around it)
     assert row.over_floor == pytest.approx(2.0 / 1.9)
-    peers = [
-        Outcome("pool-map", "c", "ok", seconds=2.1, task_cpu_s=3.8, floor_s=1.9) for _ in range(3)
+
+
+def _cpu_run(name: str, round_: int, seconds: float, task_cpu: float) -> Outcome:
+    """A run of (c) on 2 workers whose tasks took ``task_cpu`` s of CPU in all (even tasks)."""
+    serial = name == "loop"
+    floor = task_cpu if serial else task_cpu / 2
+    return Outcome(
+        name,
+        "c",
+        "ok",
+        seconds=seconds,
+        task_cpu_s=task_cpu,
+        floor_s=floor,
+        workers_floor_s=task_cpu / 2,
+        round=round_,
+    )
+
+
+def test_a_slowdown_of_the_tasks_counts_as_overhead() -> None:
+    # multitrack's tasks took 4.2 s of CPU where the loop's took 4.0: measured against its own
+    # work it added 0.1 s; against the loop's (2.0 s on 2 workers) it added 0.2 s
+    outcomes = [
+        *(_cpu_run("loop", r, 4.05, 4.0) for r in range(3)),
+        *(_cpu_run("multitrack", r, 2.2, 4.2) for r in range(3)),
     ]
-    loop = [Outcome("loop", "c", "ok", seconds=8.0) for _ in range(3)]  # a slow spell: ignored
-    names = ("loop", "multitrack", "pool-map")
-    cpu = WorkloadResult("c", {"iterations": [10] * 20}, names, (*loop, *outcomes, *peers))
-    text = report.render(_results(cpu))
-    assert "efficiency 95% (best peer 90%); overhead 100 ms (best peer 200)" in text
-    # at equal speed: the typical floor (1.9 s) plus each overhead, (1.9 + 0.1) / (1.9 + 0.2)
-    assert re.search(r"^\| \(c\) cpu \|.*\| 0\.95 \| efficiency", text, re.MULTILINE)
-    assert re.search(r"^\| pool-map \| 2\.10 \|.*\| 90% \|.*\| 1\.11 \| 200 \| 0 B \|$", text, re.M)
+    loop, mt = make_rows(outcomes, ["loop", "multitrack"])
+    assert mt.overhead_s == pytest.approx(0.2)
+    assert mt.own_overhead_s == pytest.approx(0.1)
+    assert loop.overhead_s == pytest.approx(0.05)  # the loop against its own one core
+    assert task_cpu_ratio(outcomes, "multitrack") == Paired(1.05, 1.05, 1.05, 3)
+
+
+def test_paired_ratio_pairs_runs_of_the_same_round() -> None:
+    # the machine was twice as slow in round 1: the medians' ratio is 1.0, every round says 0.9
+    mt = [_cpu_run("multitrack", r, s, 4.0) for r, s in enumerate([1.8, 3.6, 1.8])]
+    peer = [_cpu_run("pool-map", r, s, 4.0) for r, s in enumerate([2.0, 4.0, 3.6])]
+    figure = paired([*mt, *peer], "multitrack", "pool-map")
+    assert figure is not None and figure.rounds == 3
+    assert figure.median == pytest.approx(0.9) and figure.low == pytest.approx(0.5)
+    # a round that one of the two lost (a timeout) is left out; unrecorded rounds: by position
+    failed = Outcome("pool-map", "c", "timeout", round=3)
+    again = paired(
+        [*mt, *peer, _cpu_run("multitrack", 3, 9.9, 4.0), failed], "multitrack", "pool-map"
+    )
+    assert again is not None and again.rounds == 3
+    bare = [Outcome(o.contender, "c", "ok", seconds=o.seconds) for o in [*mt, *peer]]
+    assert paired(bare, "multitrack", "pool-map") == figure
+
+
+def test_the_best_peer_is_the_strongest_by_the_paired_figure() -> None:
+    # executor has the lowest median (its fast rounds fell in the machine's fast spells), but
+    # round by round pool-map is the one multitrack is furthest behind
+    times = {
+        "loop": [4.0, 4.0, 4.0],
+        "multitrack": [1.6, 2.6, 2.0],
+        "pool-map": [1.55, 2.5, 1.9],  # 1.03, 1.04, 1.05 of multitrack's
+        "executor": [1.8, 1.7, 2.4],  # 0.89, 1.53, 0.83
+    }
+    names = tuple(times)
+    outcomes = tuple(
+        _cpu_run(name, r, s, 3.8) for name, runs in times.items() for r, s in enumerate(runs)
+    )
+    result = WorkloadResult("c", {"iterations": [10] * 20}, names, outcomes)
+    assert best_peer(result.rows).contender == "executor"  # by the medians
+    peer, figure = strongest_peer(result.outcomes, result.rows)
+    assert peer.contender == "pool-map" and figure.median == pytest.approx(1.04)
+    text = report.render(_results(result))
+    assert "**multitrack / best peer**, paired (range)" in text
+    summary = re.search(r"^\| \(c\) cpu \|.*$", text, re.MULTILINE)
+    assert summary is not None
+    assert "| pool-map | 1.90 | **1.04 (1.03\u20131.05)** | 1.05 |" in summary.group(0)
+    assert "task CPU 1.00x the loop's" in summary.group(0)
 
 
 def test_round_robin_rotates_the_first_contender() -> None:
