@@ -12,6 +12,7 @@ import builtins
 import functools
 import operator
 import os
+import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, TypedDict, TypeVar
@@ -28,6 +29,8 @@ from multitrack.backends._wire import Spread
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
+
+    from multitrack._budget import Budget
 
 __all__ = ["Pool", "imap", "map", "run_calls", "starmap"]
 
@@ -78,6 +81,7 @@ class PoolOptions(CallOptions, total=False):
     initializer: Callable[..., Any] | None
     initargs: tuple[Any, ...]
     max_tasks_per_worker: int | None
+    memory_limit: int | str | None
     address: str | None
     client: Any
 
@@ -116,6 +120,12 @@ def map(
         retry_delay: seconds before the first retry, doubled for each further one.
         initializer, initargs: ``initializer(*initargs)`` runs once in each worker at start.
         max_tasks_per_worker: replace a worker after this many tasks (for leaky code).
+        memory_limit: a worker's memory (its proportional set size), as bytes or ``"2GB"``,
+            ``"512MiB"``: past it the worker is replaced after its current task; past 1.5
+            times it, it is stopped at once and its task fails with ``MemoryLimitExceeded``.
+            ``"auto"``: a budget for the whole run instead (the smallest of the machine's
+            memory, the cgroup's limit and ``RLIMIT_RSS``): near it no task starts, above it
+            the newest task is stopped and run again later. Process backend only.
         address: with ``backend="dask"`` or ``"ray"``, the cluster to attach to (default:
             ``DASK_SCHEDULER_ADDRESS`` / an active dask client; ``RAY_ADDRESS`` / the Ray
             session already initialised; else a local cluster of ``workers`` processes,
@@ -371,7 +381,19 @@ class _Call:
             else Checkpoint(opts.checkpoint, opts.key, opts.on_change),
             report=opts.report,
             backend_name=opts.backend,
+            memory=self._memory_budget(),
         )
+
+    def _memory_budget(self) -> Budget | None:
+        """What the run keeps of its memory: with ``memory_limit="auto"``, its budget."""
+        limit = self.opts.memory_limit
+        if limit is None:
+            return None
+        from multitrack._budget import Budget
+        from multitrack._memory import auto_budget
+
+        size = auto_budget() if limit == "auto" else None
+        return Budget(size, slots=self.backend.slots, clock=time.monotonic)
 
     def _cap(self) -> int | None:
         """The most tasks one chunk may hold, whatever its size would be."""
@@ -432,6 +454,7 @@ def _new_backend(opts: Options) -> Backend:
         address=opts.address,
         client=opts.client,
         fit_cluster=opts.fit_cluster,
+        memory_limit=opts.memory_limit,
     )
 
 
