@@ -14,6 +14,9 @@ The policy, against ``size`` (``_memory.auto_budget``: the smallest of the machi
 the cgroup's limit and ``RLIMIT_RSS``, all of it) and the run's use (the caller's PSS plus every
 worker's):
 
+* a worker holds one chunk, not one running and one waiting as usual, so that a pause stops
+  every new task, not only those not sent yet (with chunks sized to the task time, about a
+  tenth of a second at least, the round trip this costs is negligible);
 * at ``PAUSE_AT`` (85 %) no new chunk is sent (unless nothing runs: something must, or memory
   would never be freed);
 * at ``SHED_AT`` (95 %) the most recently started task is stopped (it has done the least
@@ -65,7 +68,7 @@ class Budget:
         self.peak_worker = 0
         self.peak_total = 0
         self.paused = False
-        self.allowed: int | None = None  # chunks in flight; None: as many as workers take
+        self.allowed = slots  # chunks in flight (under a budget: one per worker at most)
         self.stops = 0  # tasks stopped to stay inside the budget
         self._stopped_workers: set[int] = set()
         self._stopped_tasks: dict[int, int] = {}  # index -> times stopped
@@ -103,25 +106,25 @@ class Budget:
         if used >= SHED_AT * size.size and running:
             newest = max(running, key=lambda item: item.started_at)
             self._stopped_workers.add(newest.worker)
-            self.allowed = max(1, min(self.allowed or self.slots, len(running)) - 1)
+            self.allowed = max(1, min(self.allowed, len(running)) - 1)
             self._stopped_after = sample.taken_at
             self._trouble_at = now
             self.stops += 1
             return newest.worker
         if self.paused:
             self._trouble_at = now
-        elif self.allowed is not None and now - self._trouble_at >= QUIET:
-            self.allowed = None if self.allowed + 1 >= self.slots else self.allowed + 1
+        elif self.allowed < self.slots and now - self._trouble_at >= QUIET:
+            self.allowed += 1
             self._trouble_at = now
         return None
 
     def may_start(self, in_flight: int) -> bool:
         """Whether one more chunk may be sent, with ``in_flight`` chunks out."""
-        if in_flight == 0:
+        if in_flight == 0 or self.size is None:
             return True  # something must run, or nothing is ever freed
         if self.paused or self.alone:
             return False
-        return self.allowed is None or in_flight < self.allowed
+        return in_flight < self.allowed
 
     def was_stopped(self, worker: int) -> bool:
         """Whether ``worker`` was stopped by ``decide`` (asked once, when its loss arrives)."""
