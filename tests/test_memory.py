@@ -408,24 +408,24 @@ def test_without_memory_limit_nothing_is_sampled() -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("limited", [False, True])
-def test_in_a_real_memory_cgroup_the_caller_survives(limited: bool) -> None:
+@pytest.mark.parametrize("limit", [None, "100MB", "auto"])
+def test_in_a_real_memory_cgroup_the_caller_survives(limit: str | None) -> None:
     import memory_cgroup
 
     cgroup = memory_cgroup.make_cgroup(limit=memory_cgroup.CGROUP_LIMIT)
     if cgroup is None:
         pytest.skip("needs root and a writable cgroup memory controller (v1 or v2)")
     try:
-        outcome = memory_cgroup.run_in(cgroup, limited=limited)
+        outcome = memory_cgroup.run_in(cgroup, limited=limit or False)
     finally:
         memory_cgroup.remove(cgroup)
-    assert outcome["caller_survived"]
-    assert outcome["done"] + outcome["failed"] == memory_cgroup.TASKS
-    assert outcome["done"] == memory_cgroup.TASKS - memory_cgroup.TASKS // 10
-    if limited:
-        assert outcome["kinds"] == {"MemoryLimitExceeded": memory_cgroup.TASKS // 10}
-        assert outcome["oom_kills"] == 0  # the kernel never had to kill
-    else:
-        assert outcome["kinds"] == {"WorkerCrashed": memory_cgroup.TASKS // 10}
-        assert outcome["oom_verdicts"] == [True] * (memory_cgroup.TASKS // 10)
-        assert outcome["oom_kills"] >= memory_cgroup.TASKS // 10
+    big = memory_cgroup.TASKS // 10
+    assert outcome["caller_survived"], outcome
+    assert outcome["done"] == memory_cgroup.TASKS - big and outcome["failed"] == big
+    if limit is None:  # the kernel kills the workers, never the caller, and we can tell
+        assert outcome["kinds"] == {"WorkerCrashed": big}
+        assert outcome["oom_verdicts"] == [True] * big
+        assert outcome["oom_kills"] >= big
+    else:  # stopped before the kernel had to
+        assert outcome["kinds"] == {"MemoryLimitExceeded": big}
+        assert outcome["oom_kills"] == 0

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 __all__ = [
     "OomWitness",
     "auto_budget",
+    "cgroup_anon",
     "format_size",
     "parse_size",
     "pss",
@@ -213,6 +214,27 @@ def cgroup_limit() -> int | None:
     return min(limits, default=None)
 
 
+def cgroup_anon() -> int | None:
+    """The anonymous and shared memory charged to this process's cgroup: what the kernel
+    cannot reclaim (without swap) and counts against its limit, of every process in it.
+    File cache is left out: the kernel drops it before it kills.
+
+    Example:
+        >>> used = cgroup_anon()
+        >>> used is None or used >= 0
+        True
+    """
+    v2 = _cgroup_dir("v2")
+    if v2 is not None and os.path.exists(os.path.join(v2, "memory.stat")):
+        fields = _stat_fields(os.path.join(v2, "memory.stat"), (b"anon", b"shmem"))
+    else:
+        v1 = _cgroup_dir("v1")
+        if v1 is None:
+            return None
+        fields = _stat_fields(os.path.join(v1, "memory.stat"), (b"total_rss", b"total_shmem"))
+    return sum(fields) if fields else None
+
+
 _MOUNTS = {"v2": ("/sys/fs/cgroup", "/sys/fs/cgroup/unified"), "v1": ("/sys/fs/cgroup/memory",)}
 
 
@@ -257,14 +279,21 @@ def _number(path: str) -> int | None:
 
 def _stat_field(path: str, key: bytes) -> int | None:
     """``key value`` from a flat keyed file (``memory.stat``, ``memory.events``, vmstat)."""
+    found = _stat_fields(path, (key,))
+    return found[0] if found else None
+
+
+def _stat_fields(path: str, keys: tuple[bytes, ...]) -> list[int]:
+    """The values of ``keys`` found in a flat keyed file."""
     text = _read(path, 1 << 16)
     if text is None:
-        return None
+        return []
+    found = []
     for line in text.splitlines():
         fields = line.split()
-        if len(fields) == 2 and fields[0] == key:
-            return int(fields[1])
-    return None
+        if len(fields) == 2 and fields[0] in keys:
+            found.append(int(fields[1]))
+    return found
 
 
 # -- why a worker died ---------------------------------------------------------------------

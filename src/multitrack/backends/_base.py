@@ -123,10 +123,17 @@ class MemoryUse:
     taken_at: float  # time.monotonic
     caller: int
     workers: dict[int, int]
+    cgroup: int | None = None  # under a budget: what the cgroup holds that cannot be reclaimed
 
     @property
     def total(self) -> int:
         return self.caller + sum(self.workers.values())
+
+    @property
+    def used(self) -> int:
+        """What counts against a budget: the run's own, or its cgroup's when that is more
+        (other processes there, memory PSS does not show)."""
+        return max(self.total, self.cgroup or 0)
 
     @property
     def largest(self) -> int:

@@ -117,7 +117,7 @@ class ProcessBackend(PooledBackend):
         super().__init__(workers, **options)  # initializer, initargs, max_tasks_per_worker
         # memory_limit: bytes per worker, or "auto" (the scheduler keeps the run's budget:
         # workers are only measured here)
-        self._memory = None if memory_limit is None else MemoryWatch(_per_worker(memory_limit))
+        self._memory = None if memory_limit is None else _memory_watch(memory_limit)
         self._oom: OomWitness | None = None  # tells an OOM kill from another SIGKILL
         self._procs: dict[int, WorkerHandle] = {}
         self._watch: Watch[WorkerHandle] = Watch()
@@ -409,8 +409,12 @@ class ProcessBackend(PooledBackend):
             proc.fn_version = self._fn_version
 
 
-def _per_worker(memory_limit: int | str) -> int | None:
-    return memory_limit if isinstance(memory_limit, int) else None  # "auto": the run's
+def _memory_watch(memory_limit: int | str) -> MemoryWatch:
+    if isinstance(memory_limit, int):
+        return MemoryWatch(memory_limit)
+    from multitrack._memory import auto_budget
+
+    return MemoryWatch(None, budget=auto_budget().size)  # "auto": the run's, not per worker
 
 
 def _queued_behind(proc: WorkerHandle) -> int:
