@@ -53,6 +53,11 @@ class MemoryWatch:
         self.retired = 0  # workers retired past the limit
         self.killed = 0  # workers stopped past HARD_FACTOR x the limit
 
+    def begin(self) -> None:
+        """A call begins: its first sample a period from now (a call shorter than that is
+        not measured at all: it costs nothing)."""
+        self.next_at = self.clock() + SAMPLE_EVERY
+
     def bound(self, timeout: float | None) -> float | None:
         """``timeout``, shortened to end at the next sample."""
         left = max(0.0, self.next_at - self.clock())

@@ -150,6 +150,8 @@ class ProcessBackend(PooledBackend):
         self._fn_version += 1
         self._timed = timed
         self._oom = OomWitness()
+        if self._memory is not None:
+            self._memory.begin()
         self._output = output
         self._active = True
         for proc in self._procs.values():
