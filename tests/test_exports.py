@@ -8,6 +8,7 @@ import multitrack as mt
 
 EXPECTED = {
     "CheckpointError",
+    "MemoryLimitExceeded",
     "MultitrackError",
     "Pool",
     "RemoteError",
@@ -44,6 +45,7 @@ def test_error_tree() -> None:
     assert issubclass(mt.WorkerCrashed, mt.TaskError)
     assert issubclass(mt.TaskTimeout, mt.TaskError)
     assert issubclass(mt.TaskTimeout, TimeoutError)
+    assert issubclass(mt.MemoryLimitExceeded, mt.TaskError)
     assert issubclass(mt.WorkerStartError, mt.MultitrackError)
     assert not issubclass(mt.WorkerStartError, mt.TaskError)
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from multitrack._errors import (
     CheckpointError,
+    MemoryLimitExceeded,
     MultitrackError,
     RemoteError,
     TaskError,
@@ -29,6 +30,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError",
+    "MemoryLimitExceeded",
     "MultitrackError",
     "Pool",
     "RemoteError",
@@ -66,6 +68,7 @@ def _public(obj: Any) -> Any:
 
 for _error in (
     CheckpointError,
+    MemoryLimitExceeded,
     MultitrackError,
     RemoteError,
     TaskError,

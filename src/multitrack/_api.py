@@ -12,6 +12,7 @@ import builtins
 import functools
 import operator
 import os
+import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, TypedDict, TypeVar
@@ -28,6 +29,8 @@ from multitrack.backends._wire import Spread
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
+
+    from multitrack._budget import Budget
 
 __all__ = ["Pool", "imap", "map", "run_calls", "starmap"]
 
@@ -79,6 +82,7 @@ class PoolOptions(CallOptions, total=False):
     initargs: tuple[Any, ...]
     max_tasks_per_worker: int | None
     start_method: str | None
+    memory_limit: int | str | None
     address: str | None
     client: Any
 
@@ -122,6 +126,12 @@ def map(
             would, the caller's modules imported anew, whatever threads the caller runs.
             ``"fork"``: a fork of the caller, its module state and memory as they are at
             the call (refused while another Python thread runs). See the README.
+        memory_limit: a worker's memory (its proportional set size), as bytes or ``"2GB"``,
+            ``"512MiB"``: past it the worker is replaced after its current task; past 1.5
+            times it, it is stopped at once and its task fails with ``MemoryLimitExceeded``.
+            ``"auto"``: a budget for the whole run instead (the smallest of the machine's
+            memory, the cgroup's limit and ``RLIMIT_RSS``): near it no task starts, above it
+            the newest task is stopped and run again later. Process backend only.
         address: with ``backend="dask"`` or ``"ray"``, the cluster to attach to (default:
             ``DASK_SCHEDULER_ADDRESS`` / an active dask client; ``RAY_ADDRESS`` / the Ray
             session already initialised; else a local cluster of ``workers`` processes,
@@ -204,9 +214,9 @@ def run_calls(
 class Pool:
     """Workers kept alive across several calls, so start-up (and the initializer) is paid once.
 
-    ``workers``, ``backend``, ``initializer``, ``initargs``, ``max_tasks_per_worker`` and
-    ``start_method`` belong to the pool; the other options may be given here as defaults and
-    overridden per call.
+    ``workers``, ``backend``, ``initializer``, ``initargs``, ``max_tasks_per_worker``,
+    ``start_method`` and ``memory_limit`` belong to the pool; the other options may be given
+    here as defaults and overridden per call.
     Calls run one at a time. Leaving the ``with`` block (or ``close()``) stops the workers;
     so does interpreter exit.
 
@@ -378,7 +388,19 @@ class _Call:
             else Checkpoint(opts.checkpoint, opts.key, opts.on_change),
             report=opts.report,
             backend_name=opts.backend,
+            memory=self._memory_budget(),
         )
+
+    def _memory_budget(self) -> Budget | None:
+        """What the run keeps of its memory: with ``memory_limit="auto"``, its budget."""
+        limit = self.opts.memory_limit
+        if limit is None:
+            return None
+        from multitrack._budget import Budget
+        from multitrack._memory import auto_budget
+
+        size = auto_budget() if limit == "auto" else None
+        return Budget(size, slots=self.backend.slots, clock=time.monotonic)
 
     def _cap(self) -> int | None:
         """The most tasks one chunk may hold, whatever its size would be."""
@@ -440,6 +462,7 @@ def _new_backend(opts: Options) -> Backend:
         address=opts.address,
         client=opts.client,
         fit_cluster=opts.fit_cluster,
+        memory_limit=opts.memory_limit,
     )
 
 

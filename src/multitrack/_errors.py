@@ -8,6 +8,8 @@
      |    |                         stand-in when it could not be rebuilt in the caller.
      |    +-- WorkerCrashed         the worker died while running it: .exitcode, .signal, .pid
      |    +-- TaskTimeout           it ran longer than ``timeout``; also a builtin TimeoutError
+     |    +-- MemoryLimitExceeded   its worker grew past ``memory_limit`` and was stopped:
+     |                              .limit, .reached (bytes)
      +-- WorkerStartError           a worker could not start (initializer raised, spawn failed,
      |                              no "ready" within the start-up bound)
      +-- CheckpointError            the checkpoint journal cannot be used: in use by another
@@ -30,6 +32,7 @@ from typing import Any
 
 __all__ = [
     "CheckpointError",
+    "MemoryLimitExceeded",
     "MultitrackError",
     "RemoteError",
     "RemoteTraceback",
@@ -190,6 +193,9 @@ class WorkerCrashed(TaskError):
         exitcode: the worker's exit code, or ``None`` when it was killed by a signal.
         signal: the name of the signal that killed it (``"SIGKILL"``), or ``None``.
         pid: the worker's process id.
+        oom: for a SIGKILL, whether the kernel's out-of-memory killer sent it, from the
+            kernel's evidence (its log, the cgroup's ``oom_kill`` count); the message says
+            which. ``None`` when that cannot be known (no SIGKILL, nothing readable).
 
     Example:
         >>> import multitrack as mt, os
@@ -213,6 +219,7 @@ class WorkerCrashed(TaskError):
         self.exitcode = exitcode
         self.signal = signal
         self.pid = pid
+        self.oom: bool | None = None
 
     @classmethod
     def for_death(
@@ -223,8 +230,10 @@ class WorkerCrashed(TaskError):
         attempts: int,
         returncode: int | None,
         pid: int | None,
+        oom: tuple[bool, str] | None = None,
     ) -> WorkerCrashed:
-        """Describe a worker death from its ``Popen.returncode`` (negative = signal)."""
+        """Describe a worker death from its ``Popen.returncode`` (negative = signal);
+        ``oom``: whether the kernel's out-of-memory killer killed it, and the evidence."""
         signame = None
         exitcode = returncode
         if returncode is not None and returncode < 0:
@@ -237,11 +246,13 @@ class WorkerCrashed(TaskError):
             how = "died (its engine does not say how)"
         message = f"{task_label(index, task)}: its worker (pid {pid}) {how} while running it"
         hint = _SIGNAL_HINTS.get(signame or "")
+        if oom is not None:  # evidence, not a guess
+            hint = _oom_hint(*oom)
         if hint:
             message += f" -- {hint}"
         if attempts > 1:
             message += f" (after {attempts} attempts)"
-        return cls(
+        crashed = cls(
             message,
             index=index,
             task=task,
@@ -250,6 +261,17 @@ class WorkerCrashed(TaskError):
             signal=signame,
             pid=pid,
         )
+        crashed.oom = None if oom is None else oom[0]
+        return crashed
+
+
+def _oom_hint(killed: bool, evidence: str) -> str:
+    if killed:
+        return (
+            f"the kernel's out-of-memory killer killed it ({evidence}); set memory_limit= "
+            "(see the README) or lower workers"
+        )
+    return f"not the out-of-memory killer ({evidence}): something else sent the signal"
 
 
 class TaskTimeout(TaskError, TimeoutError):
@@ -283,6 +305,41 @@ class TaskTimeout(TaskError, TimeoutError):
         if stack:
             note = "where the task was when it was stopped:\n" + stack
             self.__notes__ = [*getattr(self, "__notes__", []), note]  # add_note: 3.11+
+
+
+class MemoryLimitExceeded(TaskError):
+    """The task's worker grew past ``memory_limit`` and was stopped while running it: past
+    1.5 times a per-worker limit, or, with ``memory_limit="auto"``, it was the newest task
+    when the whole run neared its budget three times. Retried like any failure (``retries``).
+
+    Not a builtin ``MemoryError``: nothing failed to allocate; multitrack stopped the task
+    before the kernel's out-of-memory killer would have (a ``MemoryError`` subclass also
+    cannot be rebuilt from a pickle).
+
+    Attributes:
+        limit: the limit in bytes (per worker, or the run's budget).
+        reached: the size in bytes the worker (or the run) had reached when it was stopped.
+
+    Example:
+        >>> import multitrack as mt
+        >>> err = mt.MemoryLimitExceeded("too big", index=0, task=1, limit=100, reached=160)
+        >>> isinstance(err, mt.TaskError), err.limit, err.reached
+        (True, 100, 160)
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        index: int,
+        task: Any,
+        attempts: int = 1,
+        limit: int = 0,
+        reached: int = 0,
+    ) -> None:
+        super().__init__(message, index=index, task=task, attempts=attempts)
+        self.limit = limit
+        self.reached = reached
 
 
 class WorkerStartError(MultitrackError):

@@ -78,6 +78,10 @@ class Ledger:
     def in_flight(self) -> bool:
         return bool(self._flights)
 
+    def in_flight_count(self) -> int:
+        """Chunks in flight."""
+        return len(self._flights)
+
     def queued(self) -> bool:
         """Whether tasks wait to be sent again (given back, or to be retried)."""
         return bool(self._given_back or self._requeued)

@@ -49,6 +49,7 @@ class Options:
     initargs: tuple[Any, ...] = ()
     max_tasks_per_worker: int | None = None
     start_method: str | None = None  # how workers start: "spawn" or "fork" (None: the default)
+    memory_limit: int | str | None = None  # bytes per worker (PSS), or "auto": a run budget
     checkpoint: str | os.PathLike[str] | None = None  # the journal: finished tasks kept there
     key: Callable[[Any], Any] | None = None  # what names a task in the journal
     on_change: str = "keep"  # the function changed since the journal was written
@@ -215,6 +216,14 @@ def _path(name: str, value: Any) -> str | os.PathLike[str] | None:
     return value
 
 
+def _memory_limit(name: str, value: Any) -> int | str | None:
+    if value is None or value == "auto":
+        return value  # type: ignore[no-any-return]
+    from multitrack._memory import parse_size  # on use only
+
+    return parse_size(name, value)
+
+
 def _report(name: str, value: Any) -> Any:
     if value is None or isinstance(value, bool | str | os.PathLike) or callable(value):
         return value
@@ -268,6 +277,7 @@ OPTIONS: dict[str, Option] = {
     "initargs": Option(_initargs, pool=True),
     "max_tasks_per_worker": Option(_optional_positive, pool=True, needs="max_tasks_per_worker"),
     "start_method": Option(_start_method, pool=True, needs="start_method"),
+    "memory_limit": Option(_memory_limit, pool=True, needs="memory_limit"),
     "address": Option(_address, pool=True, needs="address"),
     "client": Option(_client, pool=True, needs="client"),
 }
@@ -347,6 +357,16 @@ _WHY_NOT: dict[str, Callable[[str], str]] = {
     ),
     "start_method": lambda backend: (
         f"is how worker processes start: backend='process' only, not backend={backend!r}"
+    ),
+    "memory_limit": lambda backend: (
+        f"is not supported with backend={backend!r} "
+        + {
+            "thread": "(threads share one process: no worker's memory can be told apart)",
+            "serial": "(it has no worker to replace)",
+            "dask": "(give the dask workers a memory_limit of their own instead)",
+            "ray": "(Ray's memory monitor does this for its workers)",
+        }.get(backend, "")
+        + "; use backend='process'"
     ),
     "address": lambda backend: f"is for backend='dask' or 'ray', not backend={backend!r}",
     "client": lambda backend: f"is for backend='dask', not backend={backend!r}",

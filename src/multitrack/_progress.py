@@ -74,6 +74,7 @@ class Progress:
         self.retried = 0
         self.reused = 0
         self.status: str | None = None  # a word on what runs now ("task 17 running 45 s")
+        self.memory: str | None = None  # memory_limit=: "mem 312 MB/worker, 1.2 GB in all"
         self.closed = False
         self._clock = clock
 
@@ -92,6 +93,10 @@ class Progress:
     def set_status(self, text: str | None) -> None:
         """Show ``text`` after the counts (``None``: nothing)."""
         self.status = text
+
+    def set_memory(self, text: str | None) -> None:
+        """Show the run's memory (``text``) after the counts."""
+        self.memory = text or None
 
     def add_reused(self, n: int) -> None:
         """``n`` tasks were settled from a checkpoint's journal, not run: they count as
@@ -125,6 +130,8 @@ class Progress:
             parts.append(f"retried={self.retried}")
         if self.reused:
             parts.append(f"reused={self.reused}")
+        if self.memory:
+            parts.append(self.memory)
         if self.status:
             parts.append(self.status)
         return ", ".join(parts)
@@ -198,6 +205,11 @@ class TqdmProgress(Progress):
     def set_status(self, text: str | None) -> None:
         """Show ``text`` after the rate."""
         super().set_status(text)
+        self._bar.set_postfix_str(self.postfix(), refresh=False)
+
+    def set_memory(self, text: str | None) -> None:
+        """Show the run's memory after the rate (redrawn with the bar, not now)."""
+        super().set_memory(text)
         self._bar.set_postfix_str(self.postfix(), refresh=False)
 
     def add_reused(self, n: int) -> None:

@@ -25,7 +25,7 @@ import os
 import re
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from multitrack._errors import (
     RemoteError,
@@ -35,6 +35,9 @@ from multitrack._errors import (
     WorkerCrashed,
 )
 from multitrack._progress import LogProgress, NullProgress, Progress
+
+if TYPE_CHECKING:
+    from multitrack._budget import Budget
 
 KEEP_INDICES = 20  # indices kept per failure group (the count is exact)
 SLOWEST = 5
@@ -103,6 +106,8 @@ class Report:
         self.tail_seconds = 0.0  # from the last task sent to the last result
         self.groups: dict[tuple[str, str], FailureGroup] = {}
         self._slowest: list[tuple[float, int, str]] = []
+        # memory_limit= given: peaks (bytes) and what was done about them; None: not measured
+        self.memory: dict[str, int] | None = None
 
     def __repr__(self) -> str:
         return (
@@ -151,6 +156,18 @@ class Report:
         self.failed, self.retried, self.reused = counts.failed, counts.retried, counts.reused
         self.succeeded = counts.completed - counts.failed - counts.reused
 
+    def memory_seen(self, budget: Budget, *, retired: int, killed: int) -> None:
+        """The run's memory (``memory_limit=``): its peaks, and the workers replaced."""
+        self.memory = {
+            "largest_worker": budget.peak_worker,
+            "total": budget.peak_total,
+            "workers_retired": retired,
+            "workers_stopped": killed,
+            "tasks_stopped_for_budget": budget.stops,
+        }
+        if budget.size is not None:
+            self.memory["budget"] = budget.size.size
+
     @property
     def slowest(self) -> list[tuple[float, int, str]]:
         """(seconds, index, input) of the slowest tasks timed alone, the slowest first."""
@@ -180,6 +197,7 @@ class Report:
             "tasks_by_worker": {str(k): v for k, v in self.tasks_by_worker.items()},
             "startup_seconds": round(self.startup_seconds, 3),
             "tail_seconds": round(self.tail_seconds, 3),
+            "memory": self.memory,
             "failures": [
                 {
                     "type": g.kind,
@@ -209,7 +227,9 @@ class Report:
             f"multitrack: {self.function} x {count} in {_duration(self.seconds)} on "
             f"{self.workers} workers ({self.backend}){ended}"
         ]
-        kinds = ", ".join(f"{n} {kind}" for kind, n in self.failed_by_kind.most_common())
+        # most first; a tie by name, not by which failure came first (timing)
+        by_count = sorted(self.failed_by_kind.items(), key=lambda item: (-item[1], item[0]))
+        kinds = ", ".join(f"{n} {kind}" for kind, n in by_count)
         failed = f"{self.failed:,} failed ({kinds})" if self.failed else "0 failed"
         lines.append(
             f"  {self.succeeded:,} ok · {failed} · {self.retried:,} retried · "
@@ -218,6 +238,8 @@ class Report:
         lines.append("  " + self._time_line())
         if len(self.busy_by_worker) > 1:
             lines.append("  " + self._workers_line())
+        if self.memory is not None:
+            lines.append("  " + _memory_line(self.memory))
         for group in sorted(self.groups.values(), key=lambda g: -g.count):
             more = sorted(i for i in group.indices if i != group.first_index)
             also = f"; also {', '.join(map(str, more))}" if more else ""
@@ -254,6 +276,26 @@ class Report:
             share = f"{busy / self.seconds:.0%}" if self.seconds else "?"
             parts.append(f"#{worker} {share} ({self.tasks_by_worker[worker]:,} tasks)")
         return "workers: " + " · ".join(parts)
+
+
+def _memory_line(memory: dict[str, int]) -> str:
+    """``memory: largest worker 312 MB · 1.2 GB in all (peaks) · 3 workers replaced``."""
+    from multitrack._memory import format_size
+
+    line = (
+        f"memory: largest worker {format_size(memory['largest_worker'])} · "
+        f"{format_size(memory['total'])} in all (peaks)"
+    )
+    if "budget" in memory:
+        line += f" of a {format_size(memory['budget'])} budget"
+    retired, stopped = memory["workers_retired"], memory["workers_stopped"]
+    if retired:
+        line += f" · {retired} worker{'s' * (retired != 1)} replaced past the limit"
+    if stopped:
+        line += f" · {stopped} stopped past 1.5 x the limit"
+    if memory["tasks_stopped_for_budget"]:
+        line += f" · {memory['tasks_stopped_for_budget']} tasks stopped for the budget"
+    return line
 
 
 #: ``report=``: None (printed when worth it), True/False (always/never printed), a path (also

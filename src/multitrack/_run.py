@@ -25,7 +25,8 @@ Who owns what: ``Run`` owns the loop and the failure policy; ``_ledger.Ledger`` 
 every unsettled task is (in flight, given back, in the retry heap) and the blame kept across
 attempts; ``_order.Release`` owns settled results until they are released; the progress
 object owns the counts the bar and the summary show. Why nothing here touches single tasks
-on the common path: docs/performance.md.
+on the common path: docs/performance.md. With ``memory_limit``, ``_budget.Budget`` decides
+what the run's memory allows (``_memory_step``, ``_fill``) and ``Run`` acts on it.
 
 Time comes from an injectable ``clock`` so the policy is tested in milliseconds.
 """
@@ -40,7 +41,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from multitrack._chunks import ChunkSizer
-from multitrack._errors import TaskError, TaskTimeout, WorkerCrashed, task_label
+from multitrack._errors import (
+    MemoryLimitExceeded,
+    TaskError,
+    TaskTimeout,
+    WorkerCrashed,
+    task_label,
+)
 from multitrack._ledger import MAX_BYSTANDER_REQUEUES, Ledger
 from multitrack._order import Release
 from multitrack._progress import Progress
@@ -49,6 +56,7 @@ from multitrack._stuck import CHECK_EVERY, Stuck
 from multitrack.backends._base import Backend, Chunk, Completed, GivenBack, Lost
 
 if TYPE_CHECKING:  # sqlite3 and the journal are imported by calls with checkpoint= only
+    from multitrack._budget import Budget
     from multitrack._resume import Resume
 
 __all__ = ["MAX_BYSTANDER_REQUEUES", "Checkpoint", "Policy", "Run"]
@@ -95,6 +103,7 @@ class Run:
         report: ReportOption = None,
         backend_name: str = "process",
         clock: Callable[[], float] = time.monotonic,
+        memory: Budget | None = None,
     ) -> None:
         self.backend = backend
         self.fn = fn
@@ -112,6 +121,7 @@ class Run:
         self.max_ahead = max_ahead
         self.owns_backend = owns_backend
         self.clock = clock
+        self.memory = memory  # memory_limit= given: the run's memory, and its budget
 
         self.pulled = 0  # tasks taken from the input so far
         self.exhausted = False
@@ -125,6 +135,7 @@ class Run:
         self.started_at = clock()
         self.last_sent_at = self.started_at
         self.startup_before = getattr(backend, "startup_seconds", 0.0)
+        self.memory_actions_before = getattr(backend, "memory_actions", (0, 0))
         self.over = False  # set once the call has ended, however it ended
 
     # -- the loop -------------------------------------------------------------------------
@@ -170,6 +181,8 @@ class Run:
                 if self.resume is not None:
                     self.resume.commit_due()
                 self._enforce_deadlines()
+                if self.memory is not None:
+                    self._memory_step(self.memory)
                 self.stuck.step()
                 if self._due(self.progress.wakeup_in()):
                     self.progress.tick()
@@ -186,9 +199,12 @@ class Run:
                 for chunk, applied in self.ledger.completed(event):
                     self._on_completed(chunk, applied)
             elif isinstance(event, Lost):
+                stopped = self.memory is not None and self.memory.was_stopped(event.worker)
                 for index, args in self.ledger.lost(event):
                     self.ledger.isolate(index)
-                    self._fail(index, self._death_error(index, args, event), args)
+                    if stopped and self._stopped_for_memory(index, args):
+                        continue
+                    self._fail(index, self._death_error(index, args, event, stopped), args)
             else:
                 self.ledger.given_back(event)
 
@@ -217,6 +233,12 @@ class Run:
             tail=max(0.0, now - self.last_sent_at),
             startup=getattr(self.backend, "startup_seconds", 0.0) - self.startup_before,
         )
+        if self.memory is not None:
+            retired, killed = getattr(self.backend, "memory_actions", (0, 0))
+            before = self.memory_actions_before
+            self.report.memory_seen(
+                self.memory, retired=retired - before[0], killed=killed - before[1]
+            )
         deliver(self.report, self.report_option, self.progress)
 
     def _make_stuck(self) -> Stuck:
@@ -285,7 +307,10 @@ class Run:
     # -- feeding --------------------------------------------------------------------------
 
     def _fill(self) -> None:
+        memory = self.memory
         while self.backend.capacity() > 0:
+            if memory is not None and not memory.may_start(self.ledger.in_flight_count()):
+                return
             chunk = self._next_chunk()
             if chunk is None:
                 return
@@ -363,6 +388,8 @@ class Run:
         first, values, errors = event.first, event.values, event.errors
         self.sizer.observe(len(values), event.busy_seconds)
         self.ledger.ran_without_dying(chunk.indices, first, len(values))
+        if self.memory is not None and self.memory.alone:
+            self.memory.settled(chunk.indices[first : first + len(values)])
         if errors:
             self._store_around(chunk, first, values, errors)
         else:
@@ -396,8 +423,10 @@ class Run:
         if start < len(values):
             self.order.store(chunk.indices, first + start, values[start:])
 
-    def _death_error(self, index: int, args: Any, event: Lost) -> TaskError:
+    def _death_error(self, index: int, args: Any, event: Lost, stopped: bool = False) -> TaskError:
         task, attempts = self.describe(args), self.ledger.attempts(index)
+        if event.memory is not None or stopped:
+            return self._memory_error(index, task, attempts, event)
         if event.killed:
             what = (
                 "its worker was stopped and replaced"
@@ -412,7 +441,58 @@ class Run:
                 stack=event.stack,
             )
         return WorkerCrashed.for_death(
-            index=index, task=task, attempts=attempts, returncode=event.returncode, pid=event.pid
+            index=index,
+            task=task,
+            attempts=attempts,
+            returncode=event.returncode,
+            pid=event.pid,
+            oom=event.oom,
+        )
+
+    # -- memory (memory_limit=) ---------------------------------------------------------
+
+    def _memory_step(self, memory: Budget) -> None:
+        """A new sample of the run's memory: show it; under a budget, stop the newest task
+        when the run is about to outgrow it (its loss comes back at the next poll)."""
+        if not memory.observe(self.backend.memory()):
+            return
+        self.progress.set_memory(memory.bar_text())
+        worker = memory.decide(self.backend.running())
+        if worker is not None:
+            self.backend.kill(worker)
+
+    def _stopped_for_memory(self, index: int, args: Any) -> bool:
+        """Task ``index`` was stopped to keep the run inside its budget: ``True`` when it is
+        requeued (no attempt used), ``False`` when it fails (it was stopped running alone)."""
+        assert self.memory is not None
+        if not self.memory.stopped(index):
+            return False
+        self.ledger.requeue(index, args, self.clock())
+        self.progress.add_retried()
+        return True
+
+    def _memory_error(self, index: int, task: Any, attempts: int, event: Lost) -> TaskError:
+        from multitrack._memory import format_size
+
+        if event.memory is not None:
+            limit, reached = event.memory
+            what = (
+                f"its worker (pid {event.pid}) grew to {format_size(reached)}, past 1.5 x "
+                f"memory_limit={format_size(limit)}, and was stopped"
+            )
+        else:
+            assert self.memory is not None and self.memory.size is not None
+            limit, reached = self.memory.exceeded()
+            what = (
+                f"it was stopped {self.memory.stopped_times(index)} times, the last one running "
+                f"alone, as the run reached {format_size(reached)} of its "
+                f"{format_size(limit)} budget (memory_limit='auto': {self.memory.size.source})"
+            )
+        message = f"{task_label(index, task)}: {what}"
+        if attempts > 1:
+            message += f" (after {attempts} attempts)"
+        return MemoryLimitExceeded(
+            message, index=index, task=task, attempts=attempts, limit=limit, reached=reached
         )
 
     def _fail(self, index: int, cause: BaseException, args: Any) -> None:
@@ -437,6 +517,8 @@ class Run:
         if self.policy.errors == "raise":
             raise error
         self.ledger.settled(index)
+        if self.memory is not None:
+            self.memory.settled((index,))
         self.order.store_one(index, error)
 
     def _enforce_deadlines(self) -> None:

@@ -14,10 +14,10 @@ if TYPE_CHECKING:  # workers import this package and need none of it
 NAMES = ("process", "thread", "serial", "dask", "ray")
 #: what each backend can honour, for the options that need it (``_options.OPTIONS``):
 #: ``timeout`` needs a task to be stoppable or abandonable, ``max_tasks_per_worker`` workers
-#: that are ours to replace, ``start_method`` processes we start, ``address``/``client`` a
-#: cluster to attach to
+#: that are ours to replace, ``start_method`` processes we start, ``memory_limit`` worker
+#: processes of our own to measure and stop, ``address``/``client`` a cluster to attach to
 CAPABILITIES: dict[str, frozenset[str]] = {
-    "process": frozenset({"timeout", "max_tasks_per_worker", "start_method"}),
+    "process": frozenset({"timeout", "max_tasks_per_worker", "start_method", "memory_limit"}),
     "thread": frozenset({"timeout", "max_tasks_per_worker"}),
     "serial": frozenset(),
     "dask": frozenset({"timeout", "address", "client"}),
@@ -38,11 +38,13 @@ def create(
     address: str | None = None,
     client: Any = None,
     fit_cluster: bool = False,
+    memory_limit: int | str | None = None,
 ) -> Backend:
     """A new, not yet started backend called ``name`` (one of ``NAMES``).
 
     ``address``/``client`` (dask, ray only) name the cluster to attach to; ``fit_cluster``:
-    ``workers`` was not given, so on a cluster we attach to, use all of its CPUs."""
+    ``workers`` was not given, so on a cluster we attach to, use all of its CPUs;
+    ``memory_limit`` (process only): bytes per worker, or ``"auto"`` (sampled, not limited)."""
     options: dict[str, Any] = {
         "initializer": initializer,
         "initargs": initargs,
@@ -51,7 +53,9 @@ def create(
     if name == "process":
         from multitrack.backends._process import ProcessBackend
 
-        return ProcessBackend(workers, start_method=start_method, **options)
+        return ProcessBackend(
+            workers, start_method=start_method, memory_limit=memory_limit, **options
+        )
     if name == "thread":
         from multitrack.backends._thread import ThreadBackend
 

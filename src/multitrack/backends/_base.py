@@ -9,6 +9,7 @@ against an in-memory fake backend with a fake clock::
     Run ◀──poll(timeout)── [Completed | Lost] events
     Run ──running()──▶ what each worker is running and since when (for deadlines)
     Run ──kill(worker)──▶ stop a worker now (timeouts); its chunks come back as Lost
+    Run ──memory()──▶ the latest sample of the workers' memory (``memory_limit``)
 
 A backend never raises for a task's failure: failures travel inside ``Completed.errors`` or
 as ``Lost``. It raises only for its own failures (``WorkerStartError``).
@@ -98,6 +99,8 @@ class Lost:
     killed: bool = False
     span: int = 1
     stack: str | None = None  # killed: where its task was (``faulthandler``), when known
+    memory: tuple[int, int] | None = None  # killed past memory_limit: (limit, size reached)
+    oom: tuple[bool, str] | None = None  # a SIGKILL: the OOM killer's? (verdict, evidence)
 
 
 @dataclass(slots=True)
@@ -110,6 +113,31 @@ class GivenBack:
 
 
 Event = Completed | Lost | GivenBack
+
+
+@dataclass(slots=True)
+class MemoryUse:
+    """One sample of a run's memory (proportional set sizes, bytes): the caller's own, and
+    each worker's by its number."""
+
+    taken_at: float  # time.monotonic
+    caller: int
+    workers: dict[int, int]
+    cgroup: int | None = None  # under a budget: what the cgroup holds that cannot be reclaimed
+
+    @property
+    def total(self) -> int:
+        return self.caller + sum(self.workers.values())
+
+    @property
+    def used(self) -> int:
+        """What counts against a budget: the run's own, or its cgroup's when that is more
+        (other processes there, memory PSS does not show)."""
+        return max(self.total, self.cgroup or 0)
+
+    @property
+    def largest(self) -> int:
+        return max(self.workers.values(), default=0)
 
 
 @dataclass(slots=True)
@@ -190,6 +218,11 @@ class Backend(ABC):
 
     def kill(self, worker: int) -> None:  # noqa: B027 - optional capability
         """Stop ``worker`` now; its chunks come back in a ``Lost(killed=True)`` event."""
+
+    def memory(self) -> MemoryUse | None:
+        """The latest sample of the memory its workers use (taken in ``poll`` a few times a
+        second when ``memory_limit`` is set), or ``None``: not measured."""
+        return None
 
     @abstractmethod
     def end(self, *, abort: bool) -> None:

@@ -56,6 +56,7 @@ from __future__ import annotations
 import mmap
 import os
 import pickle
+import signal
 import socket
 import sys
 import time
@@ -64,10 +65,21 @@ from collections.abc import Callable, Sequence
 from typing import IO, Any
 
 from multitrack._errors import WorkerStartError
+from multitrack._memory import OomWitness
 from multitrack.backends import _protocol as P
 from multitrack.backends import _start, _wire
-from multitrack.backends._base import Chunk, Completed, Event, Output, Running, print_through
+from multitrack.backends._base import (
+    Chunk,
+    Completed,
+    Event,
+    Lost,
+    MemoryUse,
+    Output,
+    Running,
+    print_through,
+)
 from multitrack.backends._channel import Channel
+from multitrack.backends._memwatch import KILL, MemoryWatch
 from multitrack.backends._platform import HAS_MEMFD, HAS_PIDFD, require_posix
 from multitrack.backends._pooled import PooledBackend
 from multitrack.backends._proc import Message, State, WorkerHandle
@@ -100,9 +112,20 @@ class ProcessBackend(PooledBackend):
 
     can_kill = True
 
-    def __init__(self, workers: int, *, start_method: str | None = None, **options: Any) -> None:
+    def __init__(
+        self,
+        workers: int,
+        *,
+        start_method: str | None = None,
+        memory_limit: int | str | None = None,
+        **options: Any,
+    ) -> None:
         require_posix()
         super().__init__(workers, **options)  # initializer, initargs, max_tasks_per_worker
+        # memory_limit: bytes per worker, or "auto" (the scheduler keeps the run's budget:
+        # workers are only measured here)
+        self._memory = None if memory_limit is None else _memory_watch(memory_limit)
+        self._oom: OomWitness | None = None  # tells an OOM kill from another SIGKILL
         self._procs: dict[int, WorkerHandle] = {}
         self._watch: Watch[WorkerHandle] = Watch()
         self._next_key = 0
@@ -140,6 +163,9 @@ class ProcessBackend(PooledBackend):
         else:  # for this call's workers, and any that replace one of them
             preload([self._init_payload], self._thread_limits)
         self._timed = timed
+        self._oom = OomWitness()
+        if self._memory is not None:
+            self._memory.begin()
         self._output = output
         self._active = True
         for proc in self._procs.values():
@@ -244,6 +270,8 @@ class ProcessBackend(PooledBackend):
         if self._events:
             timeout = 0.0
         timeout = self._bound_by_boot_deadlines(timeout)
+        if self._memory is not None:
+            timeout = self._memory.bound(timeout)
         if not HAS_PIDFD:
             timeout = 0.5 if timeout is None else min(timeout, 0.5)
         ready = self._watch.wait(timeout) if self._procs else _sleep(timeout)
@@ -256,9 +284,43 @@ class ProcessBackend(PooledBackend):
                 self._collect(proc, report=True)
             else:
                 proc.relay(what, self._output)
+        if self._memory is not None:
+            self._watch_memory(self._memory)
         self._check_health()
         events, self._events = self._events, []
         return events
+
+    def memory(self) -> MemoryUse | None:
+        return None if self._memory is None else self._memory.latest
+
+    @property
+    def memory_actions(self) -> tuple[int, int]:
+        """Workers retired past ``memory_limit`` and stopped past 1.5 times it, so far."""
+        watch = self._memory
+        return (0, 0) if watch is None else (watch.retired, watch.killed)
+
+    def _watch_memory(self, watch: MemoryWatch) -> None:
+        """Act on a memory sample: a worker past 1.5 times its limit is stopped now
+        (its task fails with MemoryLimitExceeded), one past its limit finishes its task, gives
+        back the rest and is replaced."""
+        for proc, action, size in watch.step(self._procs.values()):
+            if action == KILL:
+                proc.kill()
+                self._collect(proc, report=True, killed=True)
+                self._annotate_lost(proc.key, memory=(watch.limit or 0, size))
+                continue
+            for chunk_id, held in list(proc.chunks.items()):
+                if not held.split:
+                    proc.give_back(chunk_id)
+            proc.retire()
+
+    def _annotate_lost(self, worker: int, **facts: Any) -> None:
+        """Add ``facts`` (``memory``, ``oom``) to the ``Lost`` just reported for ``worker``."""
+        for event in reversed(self._events):
+            if isinstance(event, Lost) and event.worker == worker:
+                for name, value in facts.items():
+                    setattr(event, name, value)
+                return
 
     def _on_socket(self, proc: WorkerHandle, readable: bool) -> None:
         proc.flush()
@@ -313,6 +375,9 @@ class ProcessBackend(PooledBackend):
             )
         finally:
             self._procs.pop(proc.key, None)
+        if report and not killed and proc.popen.returncode == -signal.SIGKILL and self._oom:
+            # Whether the kernel's OOM killer sent it: from evidence, for WorkerCrashed.
+            self._annotate_lost(proc.key, oom=self._oom.explain(proc.pid))
 
     # -- worker processes -----------------------------------------------------------------
 
@@ -358,6 +423,14 @@ class ProcessBackend(PooledBackend):
         if proc.state is State.READY and proc.fn_version != self._fn_version and self._active:
             proc.send((P.FN, self._fn_payload))
             proc.fn_version = self._fn_version
+
+
+def _memory_watch(memory_limit: int | str) -> MemoryWatch:
+    if isinstance(memory_limit, int):
+        return MemoryWatch(memory_limit)
+    from multitrack._memory import auto_budget
+
+    return MemoryWatch(None, budget=auto_budget().size)  # "auto": the run's, not per worker
 
 
 def _queued_behind(proc: WorkerHandle) -> int:

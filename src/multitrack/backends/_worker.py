@@ -64,6 +64,8 @@ from multitrack.backends._protocol import BLOCK, IDLE, MS_SHIFT, POSITION_BITS, 
 # Send partial results of a long chunk at least this often, so the bar moves and a crash
 # late in a chunk loses little finished work.
 FLUSH_EVERY = 0.25
+# A worker's /proc/self/oom_score_adj: the most expendable process there is (see ``run``).
+OOM_SCORE_ADJ = 1000
 
 
 def _read(worker: Worker) -> None:
@@ -397,6 +399,17 @@ def _rebind(fn: types.FunctionType, namespace: dict[str, Any]) -> types.Function
     return new
 
 
+def _first_to_go_when_memory_runs_out() -> None:
+    """Ask the kernel's out-of-memory killer to pick this worker before anything else: a
+    worker is replaced and its task retried or reported, but the caller holds every result.
+    (Any process may raise its own ``oom_score_adj``; 1000 is what Ray gives its workers.)"""
+    try:
+        with open("/proc/self/oom_score_adj", "w") as adj:
+            adj.write(str(OOM_SCORE_ADJ))
+    except OSError:
+        pass  # not Linux, or a read-only /proc: nothing to steer
+
+
 def main() -> None:
     """Entry point of a fresh interpreter: ``python -c BOOT CONN SLOT STACKS SYS_PATH`` (see
     ``_start._BOOT``)."""
@@ -407,6 +420,7 @@ def run(conn_fd: int, slot_fd: int, stacks_fd: int) -> None:
     """Serve the parent on ``conn_fd`` until told to stop (a fresh interpreter's ``main`` and
     a forked child both end up here; see ``_start``)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _first_to_go_when_memory_runs_out()
     faulthandler.enable()
     # On SIGUSR1 (sent just before a timed-out task's worker is killed) every thread's stack
     # goes to the parent: written from a C signal handler, so even a task stuck in C code
