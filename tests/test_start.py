@@ -414,3 +414,24 @@ def test_features_switched_off_by_name_and_unknown_ones_refused(tmp_path: Path) 
     env[_platform.WITHOUT_ENV] = "pidfd,epoll"
     done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True)
     assert done.returncode != 0 and "unknown feature(s) epoll" in done.stderr
+
+
+@needs_fork
+def test_a_forked_worker_shares_the_globals_of_the_callers_script(tmp_path: Path) -> None:
+    # The function goes by name to a fork of the caller, so the table it names is the
+    # caller's own (copy-on-write, at the same address), not a copy pickled with it.
+    out = run_script(
+        tmp_path,
+        """
+        import multitrack as mt
+
+        TABLE = bytearray(10_000_000)
+
+        def where(_):
+            return id(TABLE)
+
+        print(mt.map(where, [0], workers=1, start_method="fork") == [id(TABLE)],
+              mt.map(where, [0], workers=1) == [id(TABLE)])
+        """,
+    )
+    assert out.split() == ["True", "False"]

@@ -154,7 +154,13 @@ class ProcessBackend(PooledBackend):
         if self.initializer is not None:
             _dump_function(self.initializer, "initializer")  # to name the culprit
             _dump_function(self.initargs, "initargs")
-        self._init_payload = _dump_function((self.initializer, self.initargs, fn), "fn")
+        # A fork of the caller starts with its __main__ as it is now: there a script's
+        # function goes by name, and the globals it names (a 2 GB table) stay shared instead
+        # of being pickled into each worker. (A worker that started earlier may not have the
+        # function: it gets it by value, in _fn_payload.)
+        self._init_payload = _dump_function(
+            (self.initializer, self.initargs, fn), "fn", main=self._start_method == "fork"
+        )
         self._fn_version += 1
         if self._start_method == "fork":
             reason = refuse_fork()
@@ -468,11 +474,11 @@ def _parent_ends() -> list[int]:
     return ends
 
 
-def _dump_function(fn: Any, argument: str) -> bytes:
+def _dump_function(fn: Any, argument: str, *, main: bool = False) -> bytes:
     """Pickle what workers need to call. Plain pickle when it can (an importable function
     travels by name, and the worker need not import cloudpickle: ~30 ms of its start-up)."""
     try:
-        return _wire.dumps(fn)
+        return _wire.dumps(fn, main=main)
     except Exception as exc:
         raise TypeError(
             f"{argument}={fn!r:.200} cannot be sent to worker processes: "

@@ -27,17 +27,21 @@ from multitrack.backends._channel import in_band
 PROTOCOL = pickle.HIGHEST_PROTOCOL  # 5: out-of-band buffers
 
 
-def dumps(obj: Any, out_of_band: list[pickle.PickleBuffer] | None = None) -> bytes:
+def dumps(
+    obj: Any, out_of_band: list[pickle.PickleBuffer] | None = None, *, main: bool = False
+) -> bytes:
     """Pickle ``obj``; fall back to cloudpickle for what plain pickle cannot carry.
 
     With ``out_of_band``, large buffers (numpy arrays...) are not copied into the pickle but
-    appended to that list, to travel in shared memory (``_channel``)."""
+    appended to that list, to travel in shared memory (``_channel``). ``main``: the receiver
+    is a fork of this process and has its ``__main__``, so a script's function may travel by
+    name (with the globals it names left where they are, shared copy-on-write)."""
     keep = _collector(out_of_band)
     try:
         data = pickle.dumps(obj, PROTOCOL, buffer_callback=keep)
     except Exception:
         return by_value(obj, out_of_band)
-    if b"__main__" in data:
+    if b"__main__" in data and not main:
         # A reference into the caller's script, which a worker cannot import: send by value.
         return by_value(obj, out_of_band)
     return data
