@@ -266,6 +266,10 @@ def sys_path(_: Any) -> list[str]:
     return list(sys.path)
 
 
+def sys_argv(_: Any) -> list[str]:
+    return list(sys.argv)
+
+
 def pid_unless_hang_on(x: int, bad: int = 3, seconds: float = 60.0) -> tuple[int, int]:
     """``(x, pid of the worker that ran it)``; task ``bad`` hangs for ``seconds``."""
     if x == bad:

@@ -435,3 +435,31 @@ def test_a_forked_worker_shares_the_globals_of_the_callers_script(tmp_path: Path
         """,
     )
     assert out.split() == ["True", "False"]
+
+
+@pytest.mark.usefixtures("each_start_method")
+def test_a_worker_sees_the_callers_argv(monkeypatch: pytest.MonkeyPatch) -> None:
+    # As a fresh interpreter started by the caller would (multiprocessing's spawn does so):
+    # a module may read its flags at import.
+    monkeypatch.setattr(sys, "argv", ["job.py", "--scale", "10"])
+    assert mt.map(faults.sys_argv, [0], workers=1) == [["job.py", "--scale", "10"]]
+
+
+@pytest.mark.timeout(60)
+def test_calls_in_several_threads_share_the_zygote_safely() -> None:
+    failures: list[BaseException] = []
+
+    def calls(offset: int) -> None:
+        try:
+            for _ in range(5):
+                got = mt.map(faults.square, range(offset, offset + 20), workers=2)
+                assert got == [x * x for x in range(offset, offset + 20)]
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=calls, args=(100 * n,)) for n in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures, failures

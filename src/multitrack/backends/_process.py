@@ -421,7 +421,7 @@ class ProcessBackend(PooledBackend):
         )
         self._next_key += 1
         self._procs[proc.key] = proc
-        proc.send((P.INIT, list(sys.path), self._init_payload))
+        proc.send((P.INIT, list(sys.path), list(sys.argv), self._init_payload))
         proc.fn_version = self._fn_version
         return proc
 

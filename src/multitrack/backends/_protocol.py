@@ -7,7 +7,9 @@ tuples on the wire (pickled: cheap, and readable when debugging), tag first.
 
 Parent to worker::
 
-    (INIT, sys_path, payload)          payload: pickle of (initializer, initargs, fn);
+    (INIT, sys_path, argv, payload)    the caller's sys.path and sys.argv (a worker sees them
+                                       as a fresh interpreter started by the caller would);
+                                       payload: pickle of (initializer, initargs, fn);
                                        one pickle, so that a function defined in the caller's
                                        script sees the globals its initializer set
     (FN, payload)                      the call's function, once per worker per call

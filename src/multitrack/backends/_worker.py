@@ -186,13 +186,14 @@ class Worker:
             elif kind == P.FN:
                 self.load_function(message[1])
             elif kind == P.INIT:
-                if not self.initialize(message[1], message[2]):
+                if not self.initialize(message[1], message[2], message[3]):
                     return
             elif kind == P.STOP:
                 return
 
-    def initialize(self, sys_path: list[str], payload: bytes) -> bool:
+    def initialize(self, sys_path: list[str], argv: list[str], payload: bytes) -> bool:
         sys.path[:] = sys_path
+        sys.argv[:] = argv
         try:
             initializer, initargs, self.fn = _wire.loads(payload)
             if initializer is not None:

@@ -55,6 +55,7 @@ import pickletools
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from typing import IO, Any
@@ -64,7 +65,12 @@ from multitrack.backends._watch import wait_readable
 MAX_MESSAGE = 1 << 16  # control messages are small: a path list, names, a pid
 REPLY_TIMEOUT = 60.0  # for a fork: the zygote may be importing a heavy module first
 CLOSE_WAIT = 0.1  # seconds a closed zygote gets to exit before it is left to exit on its own
-_DROPPED = -1  # a zygote that is gone cannot tell an exit status: this stands in
+# A zygote that is gone cannot tell its workers' exit statuses: this stands in (not negative:
+# that would name a signal).
+_DROPPED = 255
+# Past this size a payload is not read through for module names (a function that carries a
+# large table by value): its workers import what they need themselves.
+SCAN_LIMIT = 4 << 20
 
 
 # -- the caller's side ------------------------------------------------------------------------
@@ -97,61 +103,69 @@ class Zygote:
         self.usable = True  # False: gone, or unsafe to fork; workers start otherwise
         self.unsafe = False  # a preloaded module started a thread: never used again
         self._tokens = itertools.count()
+        # One request and its reply at a time: calls in several threads share the zygote.
+        self._lock = threading.RLock()
         self._awaited = -1  # the fork request whose reply is awaited
         self.retiring = False  # replaced: exits once its last worker is released
 
     def preload(self, names: Iterable[str]) -> None:
         """Have the zygote import ``names`` (once each) before its next fork."""
-        fresh = [name for name in names if name not in self._preloaded]
-        if fresh and self._send(("preload", [p for p in sys.path if isinstance(p, str)], fresh)):
-            self._preloaded.update(fresh)
+        with self._lock:
+            fresh = [name for name in names if name not in self._preloaded]
+            path = [entry for entry in sys.path if isinstance(entry, str)]
+            if fresh and self._send(("preload", path, list(sys.argv), fresh)):
+                self._preloaded.update(fresh)
 
     def fork(self, fds: tuple[int, ...]) -> int | None:
         """A worker forked on the child ends ``fds`` (socket, slot, stacks, stdout, stderr);
         its pid, or ``None`` when the zygote cannot (then it is not used again)."""
-        self._awaited = token = next(self._tokens)
-        if not self._send(("fork", token, os.getcwd()), fds):
+        with self._lock:
+            self._awaited = token = next(self._tokens)
+            if not self._send(("fork", token, os.getcwd()), fds):
+                return None
+            deadline = time.monotonic() + REPLY_TIMEOUT
+            try:
+                while self.usable and (left := deadline - time.monotonic()) > 0:
+                    for kind, _, pid in self._receive(left):
+                        if kind == "forked":
+                            self._children.add(pid)
+                            return int(pid)
+                        self.unsafe = kind == "unsafe"  # else "failed": fork() itself failed
+                        self.close()
+                        return None
+            finally:  # a reply that comes later (after Ctrl-C, say) is for nobody
+                self._awaited = -1
+            self.close()
             return None
-        deadline = time.monotonic() + REPLY_TIMEOUT
-        try:
-            while self.usable and (left := deadline - time.monotonic()) > 0:
-                for kind, _, pid in self._receive(left):
-                    if kind == "forked":
-                        self._children.add(pid)
-                        return int(pid)
-                    self.unsafe = kind == "unsafe"  # else "failed": fork() itself failed
-                    self.close()
-                    return None
-        finally:  # a reply that comes later (after Ctrl-C, say) is for nobody
-            self._awaited = -1
-        self.close()
-        return None
 
     def exit_code(self, pid: int) -> int | None:
         """``pid``'s exit status once known (``Popen.returncode``'s convention), or ``None``."""
-        for _ in self._receive(0.0):
-            pass
-        if pid in self._exits:
-            return self._exits[pid]
-        if not self.usable and not _exists(pid):
-            return _DROPPED  # the zygote is gone, and its worker too: no status to be had
-        return None
+        with self._lock:
+            for _ in self._receive(0.0):
+                pass
+            if pid in self._exits:
+                return self._exits[pid]
+            if not self.usable and not _exists(pid):
+                return _DROPPED  # the zygote is gone, and its worker too: no status to be had
+            return None
 
     def wait(self, timeout: float) -> None:
         """Until a message arrives or ``timeout`` seconds pass."""
-        if self.usable:
-            for _ in self._receive(timeout):
-                pass
-        else:
-            time.sleep(min(timeout, 0.01))
+        with self._lock:
+            if self.usable:
+                for _ in self._receive(timeout):
+                    pass
+            else:
+                time.sleep(min(timeout, 0.01))
 
     def release(self, pid: int) -> None:
         """The caller is done with ``pid``: the zygote may reap it."""
-        self._children.discard(pid)
-        self._exits.pop(pid, None)
-        self._send(("release", pid))
-        if self.retiring and not self._children:
-            self.close()
+        with self._lock:
+            self._children.discard(pid)
+            self._exits.pop(pid, None)
+            self._send(("release", pid))
+            if self.retiring and not self._children:
+                self.close()
 
     def close(self) -> None:
         """Let it exit (EOF on its socket: at once, unless it is busy importing); its workers
@@ -205,6 +219,14 @@ _zygotes: dict[tuple[tuple[str, str], ...], Zygote] = {}
 def for_env(env: Mapping[str, str]) -> Zygote | None:
     """The zygote for workers with environment ``env``, started if needed; ``None`` when one
     for ``env`` failed (workers then start as fresh interpreters)."""
+    with _registry_lock:
+        return _for_env(env)
+
+
+_registry_lock = threading.Lock()
+
+
+def _for_env(env: Mapping[str, str]) -> Zygote | None:
     key = tuple(sorted(env.items()))
     found = _zygotes.get(key)
     if found is not None:
@@ -293,6 +315,8 @@ def modules_needed(payload: bytes) -> list[str]:
         >>> modules_needed(pickle.dumps(json.dumps))
         ['json']
     """
+    if len(payload) > SCAN_LIMIT:
+        return []
     found: list[str] = []
     strings: list[str] = []  # the strings pushed, in order (a global's module and name)
     memo: dict[int, str | None] = {}  # what was memoized: a string, or _IMPORTER
@@ -402,7 +426,7 @@ class _Server:  # pragma: no cover - runs in the zygote process
 
     def _handle(self, message: tuple[Any, ...], fds: list[int]) -> None:
         if message[0] == "preload":
-            _preload(message[1], message[2])
+            _preload(message[1], message[2], message[3])
         elif message[0] == "fork":
             self._fork(message[1], message[2], fds)
         elif message[0] == "release":
@@ -455,10 +479,15 @@ class _Server:  # pragma: no cover - runs in the zygote process
             pass  # the caller is gone: the loop sees EOF next
 
 
-def _preload(path: list[str], names: list[str]) -> None:  # pragma: no cover - the zygote
+def _preload(
+    path: list[str], argv: list[str], names: list[str]
+) -> None:  # pragma: no cover - the zygote
+    """Import ``names`` as a fresh worker would: with the caller's ``sys.path`` and
+    ``sys.argv`` (a module may read flags at import)."""
     import importlib
 
     sys.path[:] = path
+    sys.argv[:] = argv
     for name in names:
         if name not in sys.modules:
             try:
