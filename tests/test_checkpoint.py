@@ -260,6 +260,8 @@ def test_a_file_that_is_not_a_database_is_refused_untouched(tmp_path: Path) -> N
 def test_a_malformed_journal_is_refused_untouched(tmp_path: Path) -> None:
     path = tmp_path / "run.sqlite"
     fill(path, ok=3000)
+    with contextlib.closing(sqlite3.connect(path)) as conn:  # Python 3.12+ left it in the WAL
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     data = bytearray(path.read_bytes())
     assert len(data) > 20 * 4096
     data[8 * 4096 : 14 * 4096] = b"\xa5" * (6 * 4096)  # pages of the table: garbage
@@ -602,3 +604,18 @@ def test_storing_small_results_costs_no_work_per_task(tmp_path: Path) -> None:
         f"({looked / n * 1e6:.1f} us each); journal {path.stat().st_size / 1e6:.1f} MB"
     )
     assert stored < 0.5, stored
+
+
+def test_a_journal_of_the_older_format_is_refused_untouched(tmp_path: Path) -> None:
+    """Version 1 (a row per task) was never released: refused with a message, not converted."""
+    path = tmp_path / "run.sqlite"
+    fill(path, ok=2)
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("PRAGMA user_version=1")
+        conn.commit()
+    before = file_digest(path)
+    with pytest.raises(CheckpointError) as caught:
+        Journal.open(path, function=FN)
+    message = str(caught.value)
+    assert str(path) in message and "older multitrack (journal version 1" in message
+    assert file_digest(path) == before
