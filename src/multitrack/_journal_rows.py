@@ -207,9 +207,8 @@ def index_spans(conn: sqlite3.Connection) -> int:
     result). Returns how many tasks were indexed."""
     numbering = _Numbering(conn)
     done = 0
-    for span, ok, first, count, indices, args, keys, occurrences, skip in conn.execute(
-        _NEW_SPANS
-    ).fetchall():
+    spans = conn.cursor().execute(_NEW_SPANS)  # streamed: one span's arguments at a time
+    for span, ok, first, count, indices, args, keys, occurrences, skip in spans:
         positions = unpack_indices(first, count, indices)
         blob = keys if keys is not None else _keys_from_args(args, positions)
         if blob is None:
@@ -248,7 +247,9 @@ class _Numbering:
     """Occurrence numbers for the tasks of a run that started the journal: the n-th stored
     task with a key, by input position, is occurrence n. A key seen once (almost all) is
     written at once; the tasks of a key that may have been seen before wait, and are
-    numbered together with the one written at the end. Memory: the repeated tasks only."""
+    numbered together with the one written at the end. Memory: the repeated tasks only.
+    Such spans come only from a run that opened an empty journal, so no row of another run
+    shares their keys."""
 
     def __init__(self, conn: sqlite3.Connection) -> None:
         self.conn = conn
