@@ -165,3 +165,56 @@ def test_a_run_stopped_half_way_resumes_where_it_stopped(
     # SIGKILL loses at most the last commit interval (0.5 s: some 100 tasks of 10 ms here).
     slack = 60 if how == "SIGINT" else 160
     assert missing <= ran_again <= missing + slack, (ran_again, missing)
+
+
+# -- how a run that starts a journal stores it (docs/performance.md) ---------------------------
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("backend", ["process", "thread"])
+def test_equal_inputs_keep_their_own_results(tmp_path: Path, backend: str) -> None:
+    """A run that starts a journal keys nothing; its spans are keyed and numbered when the
+    journal is next opened: each of several equal inputs gets its own result back."""
+    journal = tmp_path / "run.sqlite"
+    inputs = [1, 2, 1, 1, 2, 3] * 50
+    first = mt.map(faults.pid_and_draw, inputs, checkpoint=journal, backend=backend)
+    assert len({draw for _, draw in first}) == len(inputs)  # every task drew its own
+    assert mt.map(faults.pid_and_draw, inputs, checkpoint=journal, backend=backend) == first
+    longer = mt.map(faults.pid_and_draw, [*inputs, 1], checkpoint=journal, backend=backend)
+    assert longer[:-1] == first and longer[-1] not in first  # only the new task ran
+
+
+@pytest.mark.timeout(60)
+def test_arguments_that_are_not_plain_data_are_keyed_when_stored(
+    tmp_path: Path, log_dir: Path
+) -> None:
+    """Paths (and numpy arrays, a user's classes) are not stored as arguments: they are
+    keyed span by span, and found again by content."""
+    journal = tmp_path / "run.sqlite"
+    work = functools.partial(faults.logged_square, log_dir=str(log_dir))
+    length = functools.partial(_square_of_length, work=work)
+    paths = [Path("a" * n) for n in (1, 2, 3)]
+    assert mt.map(length, paths, checkpoint=journal) == [1, 4, 9]
+    assert mt.map(length, [paths[2], Path("dddd"), paths[0]], checkpoint=journal) == [9, 16, 1]
+    assert _runs(log_dir) == [1, 2, 3, 4]
+
+
+def _square_of_length(path: Path, work: Any) -> int:
+    return int(work(len(path.name)))
+
+
+@pytest.mark.timeout(60)
+def test_the_process_backend_stores_the_bytes_its_workers_pickled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The parent pickles no result of a process worker again: it stores the worker's bytes
+    (other backends pickle theirs, a span at a time)."""
+    from multitrack import _resume
+
+    def refuse(values: list[Any], skip: list[int]) -> bytes:
+        raise AssertionError("the parent pickled results a process worker had pickled")
+
+    monkeypatch.setattr(_resume, "_pickle_values", refuse)
+    journal = tmp_path / "run.sqlite"
+    assert mt.map(faults.square, range(2000), checkpoint=journal) == [x * x for x in range(2000)]
+    assert mt.map(faults.square, range(2000), checkpoint=journal) == [x * x for x in range(2000)]

@@ -401,12 +401,17 @@ class Run:
             self.report.timed_alone(index, self.describe(chunk.args[first]), event.busy_seconds)
         if done:
             self.progress.advance(done)
-            # Per task only when it matters: a retried task succeeded, or a journal keeps them.
-            if self.ledger.remembers_failures() or self.resume is not None:
-                ok, ok_values = _succeeded(chunk.indices, first, values, errors)
-                self.ledger.succeeded(ok)
-                if self.resume is not None:
-                    self.resume.record(ok, ok_values, event.busy_seconds / len(values))
+            # Per task only when it matters: a retried task succeeded.
+            if self.ledger.remembers_failures():
+                self.ledger.succeeded(_succeeded(chunk.indices, first, values, errors))
+            if self.resume is not None:  # a span a time: docs/performance.md
+                end = first + len(values)
+                args = (
+                    chunk.args if first == 0 and end == len(chunk.args) else chunk.args[first:end]
+                )
+                seconds = event.busy_seconds / len(values)
+                indices = chunk.indices[first:end]
+                self.resume.record(indices, args, values, errors, event.pickled, seconds)
         for offset in sorted(errors):
             position = first + offset
             self._fail(chunk.indices[position], errors[offset], chunk.args[position])
@@ -510,7 +515,7 @@ class Run:
             task = self.describe(args)
             error = TaskError.from_cause(cause, index=index, task=task, attempts=attempts)
         if self.resume is not None:
-            self.resume.record_failure(index, error)
+            self.resume.record_failure(index, error, args)
         self.report.failed_for_good(error)
         self.progress.add_failed()
         self.progress.advance(1)
@@ -538,9 +543,8 @@ class Run:
 
 def _succeeded(
     indices: Sequence[int], first: int, values: list[Any], errors: dict[int, BaseException]
-) -> tuple[Sequence[int], list[Any]]:
-    """The indices and values of the tasks of a span that succeeded."""
+) -> Sequence[int]:
+    """The indices of the tasks of a span that succeeded."""
     if not errors:
-        return indices[first : first + len(values)], values
-    kept = [k for k in range(len(values)) if k not in errors]
-    return [indices[first + k] for k in kept], [values[k] for k in kept]
+        return indices[first : first + len(values)]
+    return [indices[first + k] for k in range(len(values)) if k not in errors]

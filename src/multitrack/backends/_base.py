@@ -54,6 +54,9 @@ class Completed:
     errors: dict[int, BaseException]
     busy_seconds: float
     worker: int = -1  # which worker ran them, where the backend knows (for the report)
+    # ``values`` as the worker pickled them, self-contained (the process backend; ``None``
+    # elsewhere): a journal stores these bytes instead of pickling the values again
+    pickled: bytes | None = None
 
     @classmethod
     def failure(cls, chunk_id: int, position: int, error: BaseException) -> Completed:

@@ -206,15 +206,15 @@ class WorkerHandle:
         try:
             while self.conn.poll(0):
                 data, buffers = self.conn.recv_bytes()
-                self._handle(_wire.loads(data, buffers=buffers), events)
+                self._handle(_wire.loads(data), events, buffers)
         except (EOFError, OSError):
             return False
         return True
 
-    def _handle(self, message: tuple[Any, ...], events: list[Event]) -> None:
+    def _handle(self, message: tuple[Any, ...], events: list[Event], buffers: Any = ()) -> None:
         tag = message[0]
         if tag == P.DONE:
-            self._on_done(events, *message[1:])
+            self._on_done(events, *message[1:], buffers=buffers)
         elif tag == P.GIVEN_BACK:
             self._on_given_back(events, message[1], message[2])
         elif tag == P.CHUNK_ERROR:
@@ -241,15 +241,21 @@ class WorkerHandle:
         events: list[Event],
         chunk_id: int,
         first: int,
-        values: list[Any],
+        pickled: bytes,
         errors: dict[int, Any],
         busy: float,
+        *,
+        buffers: Any,
     ) -> None:
         if chunk_id not in self.chunks:  # a chunk of an aborted call finishing late
             return
+        values = _wire.loads(pickled, buffers=buffers)
         raised = {offset: _wire.unpack_error(packed) for offset, packed in errors.items()}
         self.tasks_done += len(values)
-        events.append(Completed(chunk_id, first, values, raised, busy, self.key))
+        # The worker's bytes are kept for a journal when they stand alone (no buffer of
+        # theirs travelled in shared memory).
+        kept = None if buffers else pickled
+        events.append(Completed(chunk_id, first, values, raised, busy, self.key, kept))
         self._account(chunk_id, len(values))
 
     def _on_given_back(self, events: list[Event], chunk_id: int, position: int) -> None:

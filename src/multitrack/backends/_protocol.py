@@ -25,8 +25,10 @@ Worker to parent::
     (BOOTED, pid)                      the interpreter is up (bounds the start-up time)
     (READY,) | (START_ERROR, packed)   the initializer ran, or raised
     (FN_ERROR, packed)                 the function could not be rebuilt in the worker
-    (DONE, chunk_id, first, values, errors, busy_seconds)   results of positions first...;
-                                       errors maps an offset in values to a packed exception
+    (DONE, chunk_id, first, pickled, errors, busy_seconds)   results of positions first...:
+                                       pickled is the pickle of their list (its large buffers
+                                       travel beside the message), kept by the parent for a
+                                       journal; errors maps an offset in it to a packed exception
     (CHUNK_ERROR, chunk_id, first, packed)   the arguments could not be unpickled
     (GIVEN_BACK, chunk_id, position)    the tasks from position on were given back, not run
 

@@ -325,11 +325,14 @@ class Worker:
         self, chunk_id: int, first: int, values: list[Any], errors: dict[int, Any], busy: float
     ) -> None:
         buffers: list[Any] = []  # large arrays among the results travel in shared memory
+        # The values are pickled on their own, so that the parent can journal these very
+        # bytes (``checkpoint=``) instead of pickling the results a second time.
         try:
-            data = _wire.dumps((P.DONE, chunk_id, first, values, errors, busy), buffers)
+            pickled = _wire.dumps(values, buffers)
         except BaseException:
             _wire.make_picklable(values, errors)
-            data = _wire.dumps((P.DONE, chunk_id, first, values, errors, busy), buffers)
+            pickled = _wire.dumps(values, buffers)
+        data = _wire.dumps((P.DONE, chunk_id, first, pickled, errors, busy))
         with self.sending:
             self.conn.send_bytes(data, buffers)
 
