@@ -575,19 +575,24 @@ def test_a_killed_writer_loses_at_most_its_last_interval(tmp_path: Path) -> None
 
 @pytest.mark.timeout(60)
 def test_storing_small_results_costs_no_work_per_task(tmp_path: Path) -> None:
-    """A run that starts a journal stores a row per span, not per task: 100,000 results in
-    spans of 1,000 take milliseconds (a row and a digest per task took 1.5 s). Its next open
-    indexes them once; lookups are per task."""
+    """A run that starts a journal stores a row per span, not per task, and keys nothing
+    (a row and a digest per task made 200,000 tiny tasks 67x slower): its next open indexes
+    them once; lookups are per task. (What it costs is measured by the benchmarks, with the
+    ``multitrack-checkpoint`` contender, not asserted here.)"""
+    import sqlite3
+
     path = tmp_path / "run.sqlite"
     n, size = 100_000, 1_000
-    started = time.perf_counter()
     with Journal.open(path, function=FN, interval=0.5) as journal:
         for first in range(0, n, size):
             tasks = range(first, first + size)
             payload, args = pickle.dumps([f"result {i}" for i in tasks]), pickle.dumps(list(tasks))
             journal.record_span(tasks, payload, args=args, seconds=0.001)
             journal.commit_due(time.monotonic())
-    stored = time.perf_counter() - started
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        rows = db.execute("SELECT COUNT(*), SUM(keys IS NOT NULL) FROM spans").fetchone()
+        keyed = db.execute("SELECT COUNT(*) FROM tasks").fetchone()[0]
+    assert (rows, keyed) == ((n // size, 0), 0), "a row or a key per task while storing"
     started = time.perf_counter()
     with Journal.open(path, function=FN) as journal:
         opened = time.perf_counter() - started
@@ -599,11 +604,10 @@ def test_storing_small_results_costs_no_work_per_task(tmp_path: Path) -> None:
     ]
     assert all(s is not None for s in found)
     print(
-        f"\n{n:,} small results: stored in {stored * 1e3:.0f} ms ({stored / n * 1e6:.2f} us "
-        f"each); reopened (indexed) in {opened:.2f} s; looked up in {looked:.2f} s "
-        f"({looked / n * 1e6:.1f} us each); journal {path.stat().st_size / 1e6:.1f} MB"
+        f"\n{n:,} small results: reopened (indexed) in {opened:.2f} s; looked up in "
+        f"{looked:.2f} s ({looked / n * 1e6:.1f} us each); journal "
+        f"{path.stat().st_size / 1e6:.1f} MB"
     )
-    assert stored < 0.5, stored
 
 
 def test_a_journal_of_the_older_format_is_refused_untouched(tmp_path: Path) -> None:
