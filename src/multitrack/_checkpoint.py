@@ -506,9 +506,13 @@ class Journal:
             if fd is not None:
                 try:
                     os.ftruncate(fd, 0)
+                    # Unlocked explicitly: closing releases a flock only once every copy of
+                    # the descriptor is closed, and a child forked a moment ago may not have
+                    # closed its copy yet (its at-fork handler does).
+                    fcntl.flock(fd, fcntl.LOCK_UN)
                 except OSError:
                     pass
-                os.close(fd)  # releases the flock
+                os.close(fd)
 
     def _write_file(self, payload: bytes) -> tuple[str, int, bytes]:
         """Write a large payload beside the journal; fsync'd at the next commit."""

@@ -105,6 +105,14 @@ def lines_to_send(filename: str) -> list[str] | None:
     return list(lines) or None
 
 
+def remember_command_line() -> None:
+    """In a fork of the caller, where a function of a ``python -c`` program arrives by name
+    (``start_method="fork"``): its lines for tracebacks, which the caller never kept."""
+    lines = _command_line_source()
+    if lines and "<string>" not in linecache.cache:
+        linecache.cache["<string>"] = (sum(map(len, lines)), _NOT_A_FILE, lines, "<string>")
+
+
 def _command_line_source() -> list[str]:
     """The program of ``python -c PROGRAM``, which Python keeps nowhere but in
     ``sys.orig_argv`` (its code objects are named ``"<string>"``)."""

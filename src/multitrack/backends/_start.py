@@ -248,6 +248,7 @@ def _fork(ends: ChildEnds, parent_ends: Sequence[int], limits: dict[str, str]) -
             os.close(fd)
         raise
     if pid == 0:  # pragma: no cover - the child; covered by every test that forks a worker
+        _remember_command_line()
         become_worker(
             ends,
             (out_write, err_write),
@@ -260,6 +261,17 @@ def _fork(ends: ChildEnds, parent_ends: Sequence[int], limits: dict[str, str]) -
     os.close(err_write)
     stdout, stderr = (os.fdopen(fd, "rb", buffering=0) for fd in (out_read, err_read))
     return ForkedProcess(pid, stdout, stderr)
+
+
+def _remember_command_line() -> None:  # pragma: no cover - a fork of the caller
+    """A ``python -c`` program's functions come by name to a fork of it: their source lines
+    for its tracebacks (``_source``)."""
+    try:
+        from multitrack.backends._source import remember_command_line
+
+        remember_command_line()
+    except Exception:
+        pass
 
 
 def become_worker(
