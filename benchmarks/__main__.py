@@ -28,7 +28,13 @@ from typing import Any
 
 from benchmarks import proctree, report, runner, source, workloads
 from benchmarks import results as saved
-from benchmarks.contenders import CLUSTER_MAX_RUNS, CLUSTER_WORKLOADS, CONTENDERS, DEFAULT
+from benchmarks.contenders import (
+    CLUSTER_MAX_RUNS,
+    CLUSTER_WORKLOADS,
+    CONTENDERS,
+    DEFAULT,
+    ON_REQUEST,
+)
 from benchmarks.machine import describe_machine, load_average, usable_cpus
 
 __all__ = ["Config", "main", "measure", "parse_args"]
@@ -73,8 +79,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
         "--contenders",
         default=",".join(DEFAULT),
         help=(
-            f"comma-separated, from {', '.join(CONTENDERS)} (default: all but mt-track and "
-            f"multitrack-checkpoint; "
+            f"comma-separated, from {', '.join(CONTENDERS)} (default: all but "
+            f"{', '.join(ON_REQUEST)}; "
             f"the cluster backends multitrack-ray and multitrack-dask run on "
             f"{','.join(CLUSTER_WORKLOADS)} only, at most {CLUSTER_MAX_RUNS} runs each)"
         ),
