@@ -90,6 +90,8 @@ class Contender:
             return False
         if key == "cold" and self.first is None:
             return False
+        if key == "replace" and (self.serial or self.warm or self.cluster):
+            return False  # benchmarks.replace: the loop would die itself
         if self.max_runs is None or self.max_runs >= runs:
             return True
         return run in {i * runs // self.max_runs for i in range(self.max_runs)}

@@ -16,6 +16,7 @@ What happens here, in order::
     │               (g): that, once per call of the script (5 calls)       │
     │ mode "first": start pool, imap, first result          (contender.first)│
     │ mode "cpu":   the call, with where its CPU went      (benchmarks.cpu_child)│
+    │ mode "replace": a worker's death to its replacement  (benchmarks.replace)│
     └──────────────────────────────────────────────────────────────────────┘
     check(results)                   right results, right order              untimed
     write RESULT (JSON: ok, seconds, task_cpu_s, floor_s, workers_floor_s | error)
@@ -45,7 +46,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from benchmarks import workloads
+from benchmarks import replace, workloads
 from benchmarks.contenders import CONTENDERS
 from benchmarks.cpu_child import measure_cpu
 from benchmarks.tasks import CpuTimed
@@ -115,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: ``SPEC`` and ``RESULT`` are paths of JSON files."""
     spec_path, result_path = argv if argv is not None else sys.argv[1:]
     spec = json.loads(Path(spec_path).read_text())
+    if spec["mode"] == "replace":  # benchmarks.replace: writes RESULT and exits itself
+        replace.child(spec, Path(result_path))
     try:
         outcome = measure(spec)
     except BaseException as error:  # a library's KeyboardInterrupt or SystemExit is news too

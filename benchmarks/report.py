@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from benchmarks import noise, proctree, runner
 from benchmarks.contenders import CLUSTER_MAX_RUNS, CONTENDERS, process_map_chunksize
 from benchmarks.pairing import Paired, paired, strongest_peer, task_cpu_ratio
+from benchmarks.replace import PATIENCE_S
 from benchmarks.results import Results, WorkloadResult
 from benchmarks.stats import Row, find
 from benchmarks.workloads import describe, ideal_fraction
@@ -46,6 +47,7 @@ def render(results: Results) -> str:
         _contenders(results),
         *(_workload_section(w, results.workers) for w in results.workloads),
         _cold_section(results.cold),
+        _replace_section(results.replace),
         _cluster_section(results),
         _problems(results),
     ]
@@ -165,6 +167,8 @@ def _summary(results: Results) -> str:
     ]
     if results.cold is not None:
         text += ["", _cold_sentence(results.cold)]
+    if results.replace is not None:
+        text += ["", _replace_sentence(results.replace)]
     cluster = _cluster_sentence(results)
     if cluster:
         text += ["", cluster]
@@ -630,6 +634,71 @@ def _cold_section(cold: WorkloadResult | None) -> str:
         "the call that creates the pool (or `mt.imap`) to the first result, which is what a "
         "user waits before anything happens. Libraries imported beforehand.\n\n"
         + _table(["contender", "median ms", "min-max ms", "runs ok"], body)
+    )
+
+
+def _fate(result: WorkloadResult, row: Row) -> str:
+    """What the call did in most of the row's runs (``benchmarks.replace``)."""
+    fates = [
+        str((o.detail or {}).get("fate", "")) if o.status == "ok" else o.message
+        for o in result.outcomes
+        if o.contender == row.contender
+    ]
+    fate = statistics.mode(fates) if fates else ""
+    if fate.startswith("no replacement ran: "):
+        raised = fate.removeprefix("no replacement ran: ").split(". ")[0]
+        broken = "pool" if "Broken" in raised or "Terminated" in raised else "call"
+        fate = f"**breaks the {broken}**, no replacement: {raised}"
+    return fate.replace("|", "/")
+
+
+def _replace_sentence(replaced: WorkloadResult) -> str:
+    rows = _not_cluster(replaced.rows)
+    timed = [r for r in rows if r.median_s is not None]
+    words = ", ".join(f"{r.contender} {_ms_precise(r.median_s)} ms" for r in timed)
+    return (
+        f"Worker replacement (a worker's death to its replacement's first task, 1 worker, "
+        f"median of {replaced.outcomes and max(r.runs for r in rows)} rounds): {words}; "
+        "see *Worker replacement* for the libraries that run no replacement."
+    )
+
+
+def _ms_precise(seconds: float | None) -> str:
+    if seconds is None:
+        return DASH
+    return f"{seconds * 1000:.1f}" if seconds < 0.1 else f"{seconds * 1000:.0f}"
+
+
+def _replace_section(replaced: WorkloadResult | None) -> str:
+    if replaced is None:
+        return ""
+    body = [
+        [
+            _label(row.contender),
+            _ms_precise(row.median_s),
+            DASH
+            if row.min_s is None
+            else f"{_ms_precise(row.min_s)}{RANGE}{_ms_precise(row.max_s)}",
+            _paired_to_mt(replaced, row),
+            _runs(row),
+            _fate(replaced, row),
+        ]
+        for row in _not_cluster(replaced.rows)
+    ]
+    header = ["contender", "median ms", "min-max ms", "multitrack / this, paired", "runs ok"]
+    return (
+        "## Worker replacement: from a worker's death to its replacement's first task\n\n"
+        "One worker, three instantaneous tasks; task 0 records `time.monotonic()` and its pid, "
+        "then `os._exit(1)`; tasks 1 and 2 record their start and pid. The figure is the first "
+        "start in another process after the death, minus the death: noticing it, starting a "
+        "new worker, giving it the next task. Each library's own one-shot call, except "
+        'multitrack\'s, run with `errors="return"` (its default stops the call at the first '
+        "failure), and joblib's, on loky's reusable executor (`Parallel(n_jobs=1)` runs the "
+        "tasks in the caller). *What the call did*: a call still waiting "
+        f"{PATIENCE_S:g} s after it started is hung (`multiprocessing.Pool` replaces the "
+        "worker but loses its task; the harness ends the run); a library that runs no "
+        "replacement has no time (`benchmarks/replace.py`).\n\n"
+        + _table([*header, "what the call did"], body)
     )
 
 

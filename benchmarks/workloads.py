@@ -39,6 +39,7 @@ from benchmarks import tasks
 
 __all__ = [
     "COLD_START",
+    "REPLACEMENT",
     "WORKLOADS",
     "MissingOpenCV",
     "Workload",
@@ -103,6 +104,10 @@ WORKLOADS: dict[str, Workload] = {
 }
 #: Not a map: seconds from ``imap(...)`` to its first result, trivial function, fresh process.
 COLD_START = Workload("cold", "cold-start", "cold start: imap() to first result", "identity")
+#: Not a map: a worker's death to its replacement's first task (``benchmarks.replace``).
+REPLACEMENT = Workload(
+    "replace", "worker-replacement", "a worker's death to its replacement's first task", "probe"
+)
 
 # Sizes: (full, quick).
 _IMAGES = ({"count": 160, "width": 1024, "height": 768}, {"count": 12, "width": 320, "height": 240})
