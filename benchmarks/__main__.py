@@ -7,11 +7,13 @@ Examples::
     python -m benchmarks --quick                          # smoke run: small sizes, 1 repeat
     python -m benchmarks --only b,d --contenders loop,multitrack,pool-map --repeat 3
     python -m benchmarks --bars tty                       # bars on a pseudo-terminal
+    python -m benchmarks --only g,replace --repeat 5      # issue 13's rows
 
 What one run does: plan each selected workload (``benchmarks.workloads``), then run every
 (contender, repeat) of it in a fresh subprocess, round robin (``benchmarks.runner``), then the
-cold-start probe, and render the report (``benchmarks.report``). Progress goes to stderr, one
-line per measurement, so a long run can be watched (``--write`` keeps stdout quiet).
+cold-start probe and the worker-replacement row (``benchmarks.replace``), and render the report
+(``benchmarks.report``). Progress goes to stderr, one line per measurement, so a long run can
+be watched (``--write`` keeps stdout quiet).
 """
 
 from __future__ import annotations
@@ -28,20 +30,29 @@ from typing import Any
 
 from benchmarks import proctree, report, runner, source, workloads
 from benchmarks import results as saved
-from benchmarks.contenders import CLUSTER_MAX_RUNS, CLUSTER_WORKLOADS, CONTENDERS, DEFAULT
+from benchmarks.contenders import (
+    CLUSTER_MAX_RUNS,
+    CLUSTER_WORKLOADS,
+    CONTENDERS,
+    DEFAULT,
+    ON_REQUEST,
+)
 from benchmarks.machine import describe_machine, load_average, usable_cpus
 
 __all__ = ["Config", "main", "measure", "parse_args"]
 
-KEYS = (*workloads.WORKLOADS, "cold")
-NAMES = {w.name: key for key, w in workloads.WORKLOADS.items()} | {"cold-start": "cold"}
+KEYS = (*workloads.WORKLOADS, "cold", "replace")
+NAMES = {w.name: key for key, w in workloads.WORKLOADS.items()} | {
+    "cold-start": "cold",
+    workloads.REPLACEMENT.name: "replace",
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
     """The command line, checked."""
 
-    keys: tuple[str, ...]  # workloads, in report order ("cold" last)
+    keys: tuple[str, ...]  # workloads, in report order ("cold", "replace" last)
     names: tuple[str, ...]  # contenders, in table order
     quick: bool
     repeat: int
@@ -73,8 +84,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
         "--contenders",
         default=",".join(DEFAULT),
         help=(
-            f"comma-separated, from {', '.join(CONTENDERS)} (default: all but mt-track and "
-            f"multitrack-checkpoint; "
+            f"comma-separated, from {', '.join(CONTENDERS)} (default: all but "
+            f"{', '.join(ON_REQUEST)}; "
             f"the cluster backends multitrack-ray and multitrack-dask run on "
             f"{','.join(CLUSTER_WORKLOADS)} only, at most {CLUSTER_MAX_RUNS} runs each)"
         ),
@@ -183,9 +194,12 @@ def measure(args: Config, command: str) -> saved.Results:
         session = _Session(args, settings, _Log(started, _planned(args)))
         spin_s = workloads.calibrate_spin() if {"c", "d"} & set(args.keys) else 1e-7
         done = tuple(
-            session.workload(key, Path(tmp) / key, spin_s) for key in args.keys if key != "cold"
+            session.workload(key, Path(tmp) / key, spin_s)
+            for key in args.keys
+            if key not in ("cold", "replace")
         )
         cold = session.cold() if "cold" in args.keys else None
+        replaced = session.replace() if "replace" in args.keys else None
     machine.load_end = load_average()
     return saved.Results(
         machine=machine,
@@ -200,6 +214,7 @@ def measure(args: Config, command: str) -> saved.Results:
         duration=runner.elapsed_since(started),
         workloads=done,
         cold=cold,
+        replace=replaced,
     )
 
 
@@ -241,6 +256,18 @@ class _Session:
             if CONTENDERS[name].runs_in("cold", repeat, args.cold_runs)
         ]
         return saved.WorkloadResult("cold", params, names, self._run(jobs))
+
+    def replace(self) -> saved.WorkloadResult:
+        """A worker's death to its replacement's first task (``benchmarks.replace``), one
+        worker, ``--repeat`` rounds."""
+        args = self.args
+        names = _taking_part(args.names, "replace", args.repeat)
+        jobs = [
+            (_spec(name, "replace", {}, 1, "replace", repeat), False)
+            for repeat in range(args.repeat)
+            for name in runner.rotate(names, repeat)
+        ]
+        return saved.WorkloadResult("replace", {"workers": 1}, names, self._run(jobs))
 
     def _run(self, jobs: list[tuple[dict[str, Any], bool]]) -> tuple[runner.Outcome, ...]:
         return tuple(runner.run_all(jobs, self.settings, self.log.line))

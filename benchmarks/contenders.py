@@ -46,8 +46,10 @@ __all__ = [
     "CLUSTER_WORKLOADS",
     "CONTENDERS",
     "DEFAULT",
+    "ON_REQUEST",
     "Contender",
     "process_map_chunksize",
+    "split",
 ]
 
 Fn = Callable[[Any], Any]
@@ -88,6 +90,8 @@ class Contender:
             return False
         if key == "cold" and self.first is None:
             return False
+        if key == "replace" and (self.serial or self.warm or self.cluster):
+            return False  # benchmarks.replace: the loop would die itself
         if self.max_runs is None or self.max_runs >= runs:
             return True
         return run in {i * runs // self.max_runs for i in range(self.max_runs)}
@@ -97,13 +101,26 @@ class Contender:
         for module in self.modules:
             importlib.import_module(module)
 
-    def timed(self, fn: Fn, items: list[Any], workers: int) -> tuple[float, list[Any]]:
-        """(seconds, results) of one call, pool start and stop included unless ``warm``."""
+    def timed(
+        self, fn: Fn, items: list[Any], workers: int, calls: int = 1
+    ) -> tuple[float, list[Any]]:
+        """(seconds, results) of ``calls`` consecutive calls on equal consecutive parts of
+        ``items`` (a script that maps several times), each call starting and stopping its own
+        pool unless ``warm`` (then one pool, started before the timer, serves them all)."""
+        batches = split(items, calls)
         if self.warm:
-            return _timed_warm_pool(fn, items, workers)
+            return _timed_warm_pool(fn, batches, workers)
         started = time.perf_counter()
-        results = self.call(fn, items, workers)
+        results = [result for batch in batches for result in self.call(fn, batch, workers)]
         return time.perf_counter() - started, results
+
+
+def split(items: list[Any], calls: int) -> list[list[Any]]:
+    """``items`` in ``calls`` consecutive parts of equal size (the last one takes the rest)."""
+    size = len(items) // calls
+    return [items[i * size : (i + 1) * size] for i in range(calls - 1)] + [
+        items[(calls - 1) * size :]
+    ]
 
 
 # What ``mt.map`` imports on its first call: the process backend (as Pool's contenders load
@@ -129,6 +146,12 @@ def _loop(fn: Fn, items: list[Any], workers: int) -> list[Any]:
 
 def _multitrack(fn: Fn, items: list[Any], workers: int) -> list[Any]:
     return _multitrack_on("process", fn, items, workers)
+
+
+def _multitrack_fork(fn: Fn, items: list[Any], workers: int) -> list[Any]:
+    import multitrack as mt
+
+    return mt.map(fn, items, workers=workers, start_method="fork")
 
 
 def _multitrack_first(fn: Fn, items: list[Any], workers: int) -> float:
@@ -171,15 +194,15 @@ def _multitrack_dask_first(fn: Fn, items: list[Any], workers: int) -> float:
     return _multitrack_on_first("dask", fn, items, workers)
 
 
-def _timed_warm_pool(fn: Fn, items: list[Any], workers: int) -> tuple[float, list[Any]]:
+def _timed_warm_pool(fn: Fn, batches: list[list[Any]], workers: int) -> tuple[float, list[Any]]:
     """multitrack with a reused ``mt.Pool``: started and warmed up (one small map, so every
-    worker is up) before the timer, closed after it."""
+    worker is up) before the timer, closed after it; one ``map`` per batch."""
     import multitrack as mt
 
     with mt.Pool(workers=workers) as pool:
-        pool.map(fn, items[: 2 * workers], progress=False)
+        pool.map(fn, batches[0][: 2 * workers], progress=False)
         started = time.perf_counter()
-        results = pool.map(fn, items)
+        results = [result for batch in batches for result in pool.map(fn, batch)]
         elapsed = time.perf_counter() - started
     return elapsed, results
 
@@ -344,9 +367,18 @@ _ALL = (
         _multitrack_first,
         peer=False,
         notes=(
-            "workers fork when the caller has one thread, else fresh interpreters; "
-            "chunksize adapts to task time",
+            "workers are forks of a zygote (a clean interpreter started once per caller, "
+            "that imported the function's modules once); chunksize adapts to task time",
         ),
+    ),
+    Contender(
+        "multitrack-fork",
+        'mt.map(fn, items, workers=N, start_method="fork")',
+        "as multitrack",
+        _MULTITRACK_MODULES,
+        _multitrack_fork,
+        peer=False,
+        notes=("workers are forks of the caller, not of the zygote: the other start semantics",),
     ),
     Contender(
         "multitrack-pool",
@@ -489,6 +521,7 @@ _ALL = (
 )
 
 CONTENDERS: dict[str, Contender] = {c.name: c for c in _ALL}
-#: run unless ``--contenders`` says otherwise (mt-track and multitrack-checkpoint are on request:
-#: they are multitrack's engine, measured for what they add)
-DEFAULT = tuple(name for name in CONTENDERS if name not in ("mt-track", "multitrack-checkpoint"))
+#: run unless ``--contenders`` says otherwise (mt-track, multitrack-checkpoint and multitrack-fork
+#: are on request: they are multitrack's engine, measured for what they add or change)
+ON_REQUEST = ("mt-track", "multitrack-checkpoint", "multitrack-fork")
+DEFAULT = tuple(name for name in CONTENDERS if name not in ON_REQUEST)

@@ -8,11 +8,15 @@ What happens here, in order::
     read SPEC (JSON: contender, workload key, its parameters, workers, mode, out dir)
     contender.load()                 import the library                      untimed
     build_inputs()                   the task list (8 MB arrays for (e))     untimed
+                                     (g): numpy, cv2 and the task's module imported, as a
+                                     script's top does (benchmarks.workloads)
     gc.collect()
     ┌ timer ───────────────────────────────────────────────────────────────┐
     │ mode "map":   start pool, map every task, stop pool  (contender.call) │
+    │               (g): that, once per call of the script (5 calls)       │
     │ mode "first": start pool, imap, first result          (contender.first)│
     │ mode "cpu":   the call, with where its CPU went      (benchmarks.cpu_child)│
+    │ mode "replace": a worker's death to its replacement  (benchmarks.replace)│
     └──────────────────────────────────────────────────────────────────────┘
     check(results)                   right results, right order              untimed
     write RESULT (JSON: ok, seconds, task_cpu_s, floor_s, workers_floor_s | error)
@@ -42,6 +46,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from benchmarks import replace, workloads
 from benchmarks.contenders import CONTENDERS
 from benchmarks.cpu_child import measure_cpu
 from benchmarks.tasks import CpuTimed
@@ -66,7 +71,10 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
             return {"ok": False, "error": f"{contender.name} has no lazy map"}
         return {"ok": True, "seconds": contender.first(fn, items, workers)}
     times_work = key in WORKLOADS and WORKLOADS[key].times_work
-    seconds, results = contender.timed(CpuTimed(fn) if times_work else fn, items, workers)
+    calls = workloads.calls(key, spec["params"])
+    seconds, results = contender.timed(
+        CpuTimed(fn) if times_work else fn, items, workers, calls=calls
+    )
     outcome: dict[str, Any] = {"ok": True, "seconds": seconds}
     if times_work:
         results, task_cpu = _split(results)
@@ -108,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point: ``SPEC`` and ``RESULT`` are paths of JSON files."""
     spec_path, result_path = argv if argv is not None else sys.argv[1:]
     spec = json.loads(Path(spec_path).read_text())
+    if spec["mode"] == "replace":  # benchmarks.replace: writes RESULT and exits itself
+        replace.child(spec, Path(result_path))
     try:
         outcome = measure(spec)
     except BaseException as error:  # a library's KeyboardInterrupt or SystemExit is news too

@@ -17,7 +17,7 @@ from typing import Any
 from benchmarks.machine import Machine
 from benchmarks.runner import Outcome
 from benchmarks.stats import Row, make_rows
-from benchmarks.workloads import COLD_START, WORKLOADS, Workload
+from benchmarks.workloads import COLD_START, REPLACEMENT, WORKLOADS, Workload
 
 __all__ = ["Results", "WorkloadResult", "load", "save"]
 
@@ -36,7 +36,8 @@ class WorkloadResult:
     @property
     def workload(self) -> Workload:
         """The workload's description."""
-        return COLD_START if self.key == "cold" else WORKLOADS[self.key]
+        specials = {"cold": COLD_START, "replace": REPLACEMENT}
+        return specials.get(self.key) or WORKLOADS[self.key]
 
     @property
     def rows(self) -> list[Row]:
@@ -60,10 +61,11 @@ class Results:
     duration: str
     workloads: tuple[WorkloadResult, ...]
     cold: WorkloadResult | None
+    replace: WorkloadResult | None = None  # benchmarks.replace (absent from older JSON)
 
     def all_outcomes(self) -> list[Outcome]:
         """Every measurement, cold-start probes included."""
-        groups = [*self.workloads, *([self.cold] if self.cold else [])]
+        groups = [*self.workloads, *(g for g in (self.cold, self.replace) if g)]
         return [outcome for group in groups for outcome in group.outcomes]
 
 
@@ -78,11 +80,12 @@ def load(path: Path) -> Results:
     data = json.loads(path.read_text())
     if data.pop("format", None) != FORMAT:
         raise ValueError(f"{path} was not written by this version of the harness")
-    cold = data.pop("cold")
+    cold, replace = data.pop("cold"), data.pop("replace", None)
     return Results(
         machine=Machine(**data.pop("machine")),
         workloads=tuple(_workload(w) for w in data.pop("workloads")),
         cold=None if cold is None else _workload(cold),
+        replace=None if replace is None else _workload(replace),
         **data,
     )
 

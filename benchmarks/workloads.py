@@ -1,4 +1,5 @@
-"""The six workloads of issue #4: what each one measures, its sizes, its inputs and its check.
+"""The workloads: the six of issue #4 and (g) of issue 13; what each one measures, its sizes,
+its inputs and its check.
 
 Two halves, split by process:
 
@@ -12,6 +13,12 @@ Two halves, split by process:
 Sizes are chosen so that the default run (5 repeats, all contenders) takes about 15 minutes
 on a 2-core machine, while every parallel run still lasts about a second or more, so pool
 start-up is visible but does not dominate (it is counted: see ``benchmarks.one``).
+
+Workload (g) is a real script's path (issue 13): the child imports numpy and OpenCV and the
+task's module (``benchmarks.real_task``, which imports both at import time) before its timer,
+as a script's top would, then times ``calls`` consecutive calls (``Workload.calls``), each
+starting and stopping its own pool, as a script that calls ``mt.map`` five times does. Without
+OpenCV it cannot run: each of its runs is then an error that says so (``MissingOpenCV``).
 
 The skewed workload (d) has a known optimum. For tasks of durations t_i on c cores no schedule
 can beat ``max(sum(t_i) / c, max(t_i))``; the report turns that into seconds with the loop's
@@ -32,10 +39,13 @@ from benchmarks import tasks
 
 __all__ = [
     "COLD_START",
+    "REPLACEMENT",
     "WORKLOADS",
+    "MissingOpenCV",
     "Workload",
     "build_inputs",
     "calibrate_spin",
+    "calls",
     "check",
     "ideal_fraction",
     "plan",
@@ -51,15 +61,16 @@ SLOW_TASK_S = 0.300  # (d): each of the slow tasks at both ends
 class Workload:
     """One row group of the report."""
 
-    key: str  # "a".."f", or "cold"
+    key: str  # "a".."g", or "cold"
     name: str  # "images", "trivial", ...
     title: str
-    function: str  # name in benchmarks.tasks
+    function: str  # name in ``module``
     measures_memory: bool = False
     # Each task also reports its CPU time (``tasks.CpuTimed``), so the report can tell the
     # work from what the library adds. Not for (b): two clock reads would double a trivial
     # task; nor for (e), (f), where moving the data is the point.
     times_work: bool = False
+    module: str = "tasks"  # of benchmarks: where ``function`` lives
 
 
 WORKLOADS: dict[str, Workload] = {
@@ -81,10 +92,22 @@ WORKLOADS: dict[str, Workload] = {
         ),
         Workload("e", "big-in", "large inputs: an 8 MB array in, a scalar out", "array_sum", True),
         Workload("f", "big-out", "large outputs: an int in, an 8 MB array out", "make_array", True),
+        Workload(
+            "g",
+            "real-script",
+            "a script importing numpy and cv2, then several calls of ~5 ms cv2 tasks from a "
+            "module that imports cv2 and numpy",
+            "blur",
+            module="real_task",
+        ),
     )
 }
 #: Not a map: seconds from ``imap(...)`` to its first result, trivial function, fresh process.
 COLD_START = Workload("cold", "cold-start", "cold start: imap() to first result", "identity")
+#: Not a map: a worker's death to its replacement's first task (``benchmarks.replace``).
+REPLACEMENT = Workload(
+    "replace", "worker-replacement", "a worker's death to its replacement's first task", "probe"
+)
 
 # Sizes: (full, quick).
 _IMAGES = ({"count": 160, "width": 1024, "height": 768}, {"count": 12, "width": 320, "height": 240})
@@ -93,6 +116,11 @@ _CPU = ({"count": 150}, {"count": 12})
 _SKEWED = ({"fast": 120, "slow": 4}, {"fast": 16, "slow": 4})
 _ARRAYS = ({"count": 64}, {"count": 6})
 _COLD = ({"count": 100}, {"count": 100})
+_SCRIPT = ({"calls": 5, "per_call": 40}, {"calls": 2, "per_call": 6})
+
+
+class MissingOpenCV(RuntimeError):
+    """Workload (g) cannot run here: OpenCV or numpy is not installed."""
 
 
 def calibrate_spin() -> float:
@@ -124,7 +152,38 @@ def plan(key: str, *, quick: bool, workdir: Path, spin_s: float) -> Params:
         return dict(_ARRAYS[pick])
     if key == "cold":
         return dict(_COLD[pick])
+    if key == "g":
+        return _plan_script(dict(_SCRIPT[pick]))
     raise KeyError(key)
+
+
+def _plan_script(params: Params) -> Params:
+    """(g): the blur rounds of a ~5 ms task on this machine, or why (g) cannot run here."""
+    try:
+        params["rounds"] = _real_task().calibrate_rounds()
+    except MissingOpenCV as missing:
+        params["rounds"], params["missing"] = 1, str(missing)
+    return params
+
+
+def _real_task() -> Any:
+    """``benchmarks.real_task``, imported (with OpenCV and numpy), or ``MissingOpenCV``."""
+    try:
+        import cv2  # noqa: F401
+        import numpy  # noqa: F401
+
+        from benchmarks import real_task
+    except ImportError as error:
+        raise MissingOpenCV(
+            f"workload (g) needs OpenCV and numpy, from the bench extra "
+            f'(pip install -e ".[bench]"): {error}'
+        ) from error
+    return real_task
+
+
+def calls(key: str, params: Params) -> int:
+    """How many consecutive calls the timed part makes: (g)'s ``calls``, else 1."""
+    return int(params.get("calls", 1)) if key == "g" else 1
 
 
 def _skewed_durations(fast: int, slow: int) -> list[float]:
@@ -156,6 +215,11 @@ def describe(key: str, params: Params) -> str:
     if key in ("c", "d"):
         its = params["iterations"]
         return f"{len(its)} tasks, {sum(its):,} loop steps in all, longest {max(its):,}"
+    if key == "g":
+        return (
+            f"{params['calls']} calls of {params['per_call']} tasks, each "
+            f"{params['rounds']} 7x7 Gaussian blurs of a 256x256 image (about 5 ms)"
+        )
     return f"{params['count']} arrays of 8 MB"
 
 
@@ -173,7 +237,8 @@ def _make_images(folder: Path, params: Params) -> Path:
 def task_function(key: str) -> Callable[[Any], Any]:
     """The function of workload ``key``, from ``benchmarks.tasks``."""
     workload = COLD_START if key == "cold" else WORKLOADS[key]
-    function: Callable[[Any], Any] = getattr(tasks, workload.function)
+    module = _real_task() if workload.module == "real_task" else tasks
+    function: Callable[[Any], Any] = getattr(module, workload.function)
     return function
 
 
@@ -192,6 +257,12 @@ def build_inputs(key: str, params: Params, out_dir: Path) -> list[Any]:
         import numpy as np
 
         return [np.full(tasks.ARRAY_ITEMS, float(i)) for i in range(params["count"])]
+    if key == "g":
+        if "missing" in params:
+            raise MissingOpenCV(params["missing"])
+        blur = _real_task().Blur
+        count = params["calls"] * params["per_call"]
+        return [blur(seed, params["rounds"]) for seed in range(count)]
     raise KeyError(key)
 
 
@@ -205,6 +276,8 @@ def check(key: str, inputs: Sequence[Any], results: Any) -> str | None:
         if results == expected and all(Path(job.dst).is_file() for job in inputs):
             return None
         return "wrong file names, or JPEGs missing"
+    if key == "g":
+        return _check_blurs(inputs, results)
     if key in ("b", "cold"):
         expected = list(inputs)
     elif key in ("c", "d"):
@@ -228,3 +301,14 @@ def _check_arrays(results: Sequence[Any]) -> str | None:
         if not ok or array[0] != index or array[-1] != index:
             return f"result {index} is not the expected 8 MB array"
     return None
+
+
+def _check_blurs(inputs: Sequence[Any], results: Sequence[Any]) -> str | None:
+    """(g): each result is its task's seed and the checksum of its image (computed here, once
+    per distinct image, after the timer)."""
+    real_task = _real_task()
+    rounds = inputs[0].rounds if inputs else 1
+    reference = [real_task.blur(real_task.Blur(v, rounds))[1] for v in range(real_task.VARIANTS)]
+    expected = [(job.seed, reference[job.seed % real_task.VARIANTS]) for job in inputs]
+    got = [tuple(result) for result in results]
+    return None if got == expected else "results differ from the for-loop's"

@@ -4,21 +4,23 @@ pieces its numbers rest on. No timing is asserted: only that the harness measure
 
 from __future__ import annotations
 
+import json
 import pickle
 import re
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 # `benchmarks` lives at the repository root, beside `src`: importable under bare `pytest` too
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import one, report, tasks, workloads
+from benchmarks import one, real_task, replace, report, tasks, workloads
 from benchmarks import results as saved
-from benchmarks.contenders import CLUSTER_MAX_RUNS, CONTENDERS, DEFAULT
+from benchmarks.contenders import CLUSTER_MAX_RUNS, CONTENDERS, DEFAULT, split
 from benchmarks.machine import Machine
 from benchmarks.pairing import Paired, paired, strongest_peer, task_cpu_ratio
 from benchmarks.results import Results, WorkloadResult
@@ -258,3 +260,115 @@ def test_report_shows_cluster_backends_apart_against_multitrack() -> None:
     assert "| (c) cpu | multitrack-ray | 1.00 | 1.00\u20131.00 | 4.00 | 0.50 | 2/2 |" in cluster
     assert "**multitrack** (process backend) | 2.00" in cluster
     assert "fewer than the others" in cluster  # 2 runs where the peers had 3: said why
+
+
+# -- workload (g) and the worker-replacement row (issue 13) --------------------------------------
+
+
+def test_a_script_of_several_calls_splits_the_tasks_in_order() -> None:
+    assert split(list(range(10)), 3) == [[0, 1, 2], [3, 4, 5], [6, 7, 8, 9]]
+    assert split([1, 2], 1) == [[1, 2]]
+    assert workloads.calls("g", {"calls": 5}) == 5
+    assert workloads.calls("c", {"calls": 5}) == 1  # every other workload: one call
+
+
+def test_the_real_script_workload_runs_its_calls_and_checks_results(tmp_path: Path) -> None:
+    params = {"calls": 2, "per_call": 3, "rounds": 1}
+    spec = {"contender": "loop", "workers": 2, "mode": "map", "out_dir": str(tmp_path)}
+    outcome = one.measure({**spec, "workload": "g", "params": params})
+    assert outcome["ok"], outcome
+    inputs = workloads.build_inputs("g", params, tmp_path)
+    assert [job.seed for job in inputs] == list(range(6))
+    results = [real_task.blur(job) for job in inputs]
+    assert workloads.check("g", inputs, results) is None
+    assert workloads.check("g", inputs, results[::-1]) is not None  # out of order
+    wrong = [(seed, checksum + 1) for seed, checksum in results]
+    assert workloads.check("g", inputs, wrong) is not None  # another image's checksum
+    assert real_task.calibrate_rounds() >= 1
+
+
+def test_the_real_script_workload_says_when_opencv_is_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "cv2", None)  # `import cv2` raises ImportError
+    params = workloads.plan("g", quick=True, workdir=tmp_path, spin_s=1e-7)
+    assert "needs OpenCV" in params["missing"]  # planned, not crashed
+    spec_path, result_path = tmp_path / "spec.json", tmp_path / "result.json"
+    spec = {"contender": "loop", "workload": "g", "params": params, "workers": 2, "mode": "map"}
+    spec_path.write_text(json.dumps({**spec, "out_dir": str(tmp_path / "out")}))
+    assert one.main([str(spec_path), str(result_path)]) == 0
+    result = json.loads(result_path.read_text())
+    assert not result["ok"] and "workload (g) needs OpenCV and numpy" in result["error"]
+
+
+def test_the_replacement_is_the_first_start_in_another_process_after_the_death(
+    tmp_path: Path,
+) -> None:
+    assert replace.replacement_delay(tmp_path) is None  # no death recorded
+    (tmp_path / "death").write_text("10.0 100")
+    (tmp_path / "start-1").write_text("9.5 100")  # before the death, in the dead worker
+    assert replace.replacement_delay(tmp_path) is None
+    (tmp_path / "start-2").write_text("10.5 101")
+    (tmp_path / "start-3").write_text("10.25 102")
+    assert replace.replacement_delay(tmp_path) == (0.25, 100, 102)
+
+
+def test_replacement_runs_on_every_pool_but_not_the_loop_nor_the_cluster() -> None:
+    takes_part = [name for name, c in CONTENDERS.items() if c.runs_in("replace", 0, 1)]
+    assert "multitrack" in takes_part and "pebble" in takes_part and "executor" in takes_part
+    for name in ("loop", "multitrack-pool", *CLUSTER):
+        assert name not in takes_part
+
+
+def _replace_once(name: str, tmp_path: Path) -> dict[str, Any]:
+    spec_path, result_path = tmp_path / f"{name}.json", tmp_path / f"{name}-result.json"
+    spec = {"contender": name, "workload": "replace", "params": {}, "workers": 1}
+    spec_path.write_text(json.dumps({**spec, "mode": "replace", "out_dir": str(tmp_path / name)}))
+    subprocess.run(
+        [sys.executable, "-m", "benchmarks.one", str(spec_path), str(result_path)],
+        cwd=ROOT,
+        timeout=30,
+        check=True,
+        start_new_session=True,
+        capture_output=True,
+    )
+    result: dict[str, Any] = json.loads(result_path.read_text())
+    return result
+
+
+def test_replacement_child_times_multitrack_and_reports_a_broken_pool(tmp_path: Path) -> None:
+    mt = _replace_once("multitrack", tmp_path)
+    assert mt["ok"], mt
+    assert mt["detail"]["fate"] == "returned"  # errors="return": the call goes on
+    assert mt["detail"]["new_pid"] != mt["detail"]["dead_pid"]
+    assert 0 < mt["seconds"] < replace.PATIENCE_S
+    broken = _replace_once("executor", tmp_path)
+    assert not broken["ok"] and "BrokenProcessPool" in broken["error"]
+
+
+def test_quick_run_renders_the_real_script_and_replacement_rows(tmp_path: Path) -> None:
+    out, saved_json = tmp_path / "report.md", tmp_path / "runs.json"
+    command = [sys.executable, "-m", "benchmarks", "--quick", "--only", "g,replace"]
+    command += ["--contenders", "loop,multitrack,executor", "--write", str(out)]
+    done = subprocess.run(
+        [*command, "--json", str(saved_json)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=55,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    text = out.read_text()
+    summary = re.search(r"^\| \(g\) real-script \|.*\| executor \|.*\*\*[0-9.]+ \(", text, re.M)
+    assert summary is not None, text  # the paired column against the peer that ran
+    assert "## (g) real-script" in text and "`real_task.blur`" in text
+    section = text.split("## Worker replacement")[1]
+    assert re.search(r"^\| \*\*multitrack\*\* \| [0-9.]+ \|.*\| returned \|$", section, re.M)
+    assert re.search(r"^\| executor \| \u2013 \|.*\*\*breaks the pool\*\*", section, re.M)
+    assert "| loop |" not in section  # the loop would die itself
+    # results saved before the row existed still render
+    data = json.loads(saved_json.read_text())
+    del data["replace"]
+    saved_json.write_text(json.dumps(data))
+    assert "## Worker replacement" not in report.render(saved.load(saved_json))
