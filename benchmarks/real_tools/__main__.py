@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -94,11 +95,17 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     tools = usable(TOOLS, venv)
     modes = list(timing.MODES) if not args.no_fork else ["mmengine", "multitrack"]
+    load_before = os.getloadavg()
     runs = measure(venv, tools, modes, args.rounds)
-    print(
-        f"\nmultitrack: {revision()}; {args.rounds} interleaved rounds; "
-        f"median s (min-max); ratio: median of per-round ratios (min-max)\n"
+    loads = " -> ".join(
+        "/".join(f"{x:.1f}" for x in load) for load in (load_before, os.getloadavg())
     )
+    print(
+        f"\nmultitrack: {revision()}; load average (1/5/15 min) {loads}; "
+        f"{args.rounds} interleaved rounds; "
+        "median s (min-max); ratio: median of per-round ratios (min-max)"
+    )
+    print(f"in the venv: {env.versions(venv)}\n")
     print(timing.table(runs, [t.label for t in tools], modes))
     for tool in tools:
         problems = timing.mismatches(runs, tool.label)

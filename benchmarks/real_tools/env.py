@@ -130,3 +130,16 @@ def missing_modules(env: Env, modules: tuple[str, ...]) -> str | None:
         return "no venv"
     source = "import " + ", ".join(modules)
     return _run([env.python, "-c", source], timeout=120)
+
+
+def versions(env: Env) -> str:
+    """``name version`` of multitrack and every package of ``PACKAGES`` in the venv."""
+    names = ("multitrack", *PACKAGES)
+    source = (
+        "import importlib.metadata as m, sys; "
+        "print(', '.join(f'{n} {m.version(n)}' for n in sys.argv[1:]))"
+    )
+    done = subprocess.run(
+        [str(env.python), "-c", source, *names], capture_output=True, text=True, check=False
+    )
+    return done.stdout.strip() or done.stderr.strip().splitlines()[-1]
