@@ -7,9 +7,11 @@ from __future__ import annotations
 import json
 import pickle
 import re
+import struct
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ from benchmarks import results as saved
 from benchmarks.contenders import CLUSTER_MAX_RUNS, CONTENDERS, DEFAULT, split
 from benchmarks.machine import Machine
 from benchmarks.pairing import Paired, paired, strongest_peer, task_cpu_ratio
+from benchmarks.real_tools import datasets, timing
 from benchmarks.results import Results, WorkloadResult
 from benchmarks.runner import ROOT, Outcome, rotate
 from benchmarks.stats import best_peer, make_rows
@@ -372,3 +375,95 @@ def test_quick_run_renders_the_real_script_and_replacement_rows(tmp_path: Path) 
     del data["replace"]
     saved_json.write_text(json.dumps(data))
     assert "## Worker replacement" not in report.render(saved.load(saved_json))
+
+
+# benchmarks/real_tools: the pure pieces (the real run needs the registries and minutes)
+
+
+def _decode_png(blob: bytes) -> tuple[int, int, int, bytes]:
+    """Width, height, bit depth and the unfiltered rows of a PNG written by ``png_bytes``."""
+    assert blob[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height, depth = struct.unpack(">IIB", blob[16:25])
+    start = blob.index(b"IDAT")
+    (length,) = struct.unpack(">I", blob[start - 4 : start])
+    return width, height, depth, zlib.decompress(blob[start + 4 : start + 4 + length])
+
+
+def test_real_tools_png_holds_16_bit_ids_row_by_row() -> None:
+    width, height, depth, raw = _decode_png(datasets.png_bytes([[26001, 7], [24000, 0]], 16, 1))
+    assert (width, height, depth) == (2, 2, 16)
+    # each row: filter byte 0, then big-endian samples
+    assert raw == bytes([0, 0x65, 0x91, 0, 7, 0, 0x5D, 0xC0, 0, 0])
+
+
+def test_real_tools_cityscapes_layout_is_what_the_converters_read(tmp_path: Path) -> None:
+    assert sum(datasets.SPLITS.values()) == 24  # mmseg's converter: all splits in one call
+    images = datasets.make_cityscapes(tmp_path, {"train": 2, "val": 1, "test": 1})
+    assert len(images) == 4
+    for image in images:
+        # mmdet's collect_files: glob('<split>/*/...png'), the gtFine names from the image's
+        split_dir = image.parent.parent
+        assert image.name.endswith("_leftImg8bit.png") and split_dir.parent.name == "leftImg8bit"
+        stem = str(image.relative_to(tmp_path / "leftImg8bit"))[: -len("leftImg8bit.png")]
+        for suffix in ("gtFine_instanceIds.png", "gtFine_labelIds.png", "gtFine_polygons.json"):
+            assert (tmp_path / "gtFine" / (stem + suffix)).is_file()
+    frame0 = tmp_path / "gtFine/train/aachen/aachen_000000_000000_gtFine_polygons.json"
+    polygons = json.loads(frame0.read_text())
+    labels = {obj["label"] for obj in polygons["objects"]}
+    assert labels == {"sky", "road", "car", "cargroup", "person"}  # frame 0: a crowd too
+
+
+def test_real_tools_scene_has_instances_crowds_and_stuff_inside_the_image() -> None:
+    for frame in range(16):
+        ids = {i for row in datasets.paint(datasets.scene(frame)) for i in row}
+        assert all(len(row) == datasets.WIDTH for row in datasets.paint(datasets.scene(frame)))
+        assert {datasets.ROAD, datasets.SKY, 26000, 24000} <= ids
+        assert (datasets.CAR in ids) == (frame % 2 == 0)  # crowds: the label id alone
+    cv2, numpy = pytest.importorskip("cv2"), pytest.importorskip("numpy")
+    blob = datasets.png_bytes(datasets.paint(datasets.scene(0)), 16, 1)
+    decoded = cv2.imdecode(numpy.frombuffer(blob, "uint8"), cv2.IMREAD_UNCHANGED)
+    assert decoded.dtype.name == "uint16" and decoded.shape == (datasets.HEIGHT, datasets.WIDTH)
+    assert decoded[60, 60] == 26000
+
+
+def test_real_tools_coco_annotations_point_at_its_images() -> None:
+    data = datasets.coco(images=50)
+    image_ids = {image["id"] for image in data["images"]}  # type: ignore[attr-defined]
+    annotations = data["annotations"]
+    assert len(image_ids) == 50 and annotations
+    assert {a["image_id"] for a in annotations} <= image_ids  # type: ignore[attr-defined]
+    assert len({a["id"] for a in annotations}) == len(annotations)  # type: ignore[arg-type]
+    assert {"info", "licenses", "categories"} <= data.keys()
+
+
+def _tool_run(mode: str, round_: int, seconds: float, files: str = "a", rc: int = 0) -> timing.Run:
+    return timing.Run("tool", mode, round_, seconds, rc, {"out/x.json": files}, "")
+
+
+def test_real_tools_table_pairs_each_round_with_mmengine() -> None:
+    runs = [
+        _tool_run("mmengine", 0, 1.0),
+        _tool_run("multitrack", 0, 2.0),
+        _tool_run("mmengine", 1, 4.0),  # a busy round: both slow
+        _tool_run("multitrack", 1, 4.0),
+        _tool_run("mmengine", 2, 1.0),
+        _tool_run("multitrack", 2, 1.5),
+    ]
+    assert timing.ratios(runs, "tool", "multitrack") == [2.0, 1.0, 1.5]
+    table = timing.table(runs, ["tool"], ["mmengine", "multitrack"])
+    assert "| tool | 1.00 s (1.00-4.00) | 2.00 s (1.50-4.00) | 1.50x (1.00-2.00) |" in table
+    assert timing.order(["a", "b", "c"], 1) == ["b", "c", "a"]
+
+
+def test_real_tools_mismatches_name_the_runs_that_differ() -> None:
+    runs = [
+        _tool_run("mmengine", 0, 1.0),
+        _tool_run("multitrack", 0, 1.0),
+        _tool_run("multitrack", 1, 1.0, files="b"),
+        _tool_run("multitrack fork", 0, 1.0, rc=1),
+    ]
+    assert timing.mismatches(runs, "tool") == [
+        "multitrack round 1: 1 files differ, e.g. ['out/x.json']",
+        "multitrack fork round 0: exit status 1",
+    ]
+    assert "failed" in timing.table(runs[3:], ["tool"], ["mmengine", "multitrack fork"])
