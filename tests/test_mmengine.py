@@ -15,6 +15,7 @@ import io
 import os
 import pickle
 import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -474,11 +475,29 @@ def test_the_drop_in_resumes_from_a_checkpoint(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(not _platform.CAN_FORK, reason="fork is not available here")
-def test_the_drop_in_forks_the_caller_only_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
-    # mmengine forks the caller on Linux: a global set at run time is seen. multitrack's
-    # workers see the module as imported, unless start_method="fork" (the docstring says so).
+def test_the_drop_in_forks_the_caller_as_mmengine_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    # mmengine forks the caller on Linux: a global set at run time is seen, numpy or not.
     monkeypatch.setattr(faults, "SCALE", 10)
     out = io.StringIO()
+    assert mt.track_parallel_progress(faults.scaled, [1, 2], 2, file=out) == [10, 20]
+    got = mt.track_parallel_progress(faults.scaled, [1, 2], 2, file=out, start_method="spawn")
+    assert got == [1, 2]
+    monkeypatch.setenv("MULTITRACK_START_METHOD", "spawn")  # a script's choice holds too
     assert mt.track_parallel_progress(faults.scaled, [1, 2], 2, file=out) == [1, 2]
-    got = mt.track_parallel_progress(faults.scaled, [1, 2], 2, file=out, start_method="fork")
-    assert got == [10, 20]
+
+
+@pytest.mark.skipif(not _platform.CAN_FORK, reason="fork is not available here")
+def test_the_drop_in_does_not_fork_while_a_python_thread_runs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(faults, "SCALE", 10)
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait, name="uploader")
+    other.start()
+    try:
+        with pytest.warns(RuntimeWarning, match=r"\(uploader\).*fresh interpreters"):
+            got = mt.track_parallel_progress(faults.scaled, [1, 2], 2, file=io.StringIO())
+        assert got == [1, 2]
+    finally:
+        stop.set()
+        other.join()

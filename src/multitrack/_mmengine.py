@@ -122,15 +122,21 @@ def track_parallel_progress(
     there and runs only the missing tasks (see ``multitrack.map``); ``start_method``, what a
     worker sees of the caller (below).
 
-    One difference from mmengine on Linux: workers see the caller's modules imported anew,
-    not as the caller changed them at run time (mmengine forks the caller; multitrack's
-    workers are what a fresh interpreter would be, whatever threads the caller runs; see the
-    README's "How workers start"). With ``helper.py`` holding ``SCALE = 1``, a ``setup(s)``
+    Workers are forks of the caller, as mmengine's are on Linux (``start_method="fork"``,
+    unlike ``multitrack.map``'s default): they see the caller's modules as they are at the
+    call, and start without importing anything again, numpy's or OpenCV's threads or not.
+    The one case where that is unsafe differs from mmengine: while another *Python* thread
+    runs in the caller, a fork could copy a lock it holds, so workers start as fresh
+    interpreters instead (a warning names the threads), and see modules imported anew, not
+    as the caller changed them. With ``helper.py`` holding ``SCALE = 1``, a ``setup(s)``
     that sets it and ``work(x)`` returning ``x * SCALE``::
 
         helper.setup(10)
-        track_parallel_progress(helper.work, [1, 2, 3], 2)  # mmengine: [10, 20, 30]
-        # multitrack: [1, 2, 3]; with start_method="fork": [10, 20, 30], as mmengine
+        track_parallel_progress(helper.work, [1, 2, 3], 2)  # [10, 20, 30], as mmengine
+        # while a Python thread runs, or with start_method="spawn": [1, 2, 3]
+
+    ``MULTITRACK_START_METHOD`` or ``start_method=`` choose either semantics for good (see
+    the README's "How workers start").
 
     ``tasks`` is any iterable, or ``(iterable, n)`` when the length is known but not available
     (a generator). ``nproc=None`` means every CPU this process may use. Results come in input
@@ -158,8 +164,7 @@ def track_parallel_progress(
     }
     if checkpoint is not None:
         options["checkpoint"] = checkpoint
-    if start_method is not None:
-        options["start_method"] = start_method
+    options["start_method"] = _start_method(start_method)
     skip = workers * chunksize if skip_first else 0
     bar = TrackBar(total, bar_width=bar_width, file=_resolve_file(file), skip=skip)
     try:
@@ -272,6 +277,30 @@ def _check_nproc(nproc: Any) -> int:
 
 def _check_chunksize(chunksize: Any) -> int:
     return integer("chunksize", chunksize)
+
+
+def _start_method(given: str | None) -> str | None:
+    """The drop-in's start method: ``given``, else the environment's, else a fork of the
+    caller (mmengine's semantics) when that is safe, else the default, said in a warning."""
+    from multitrack.backends._platform import CAN_FORK
+    from multitrack.backends._start import START_METHOD_ENV, refuse_fork
+
+    if given is not None or os.environ.get(START_METHOD_ENV, "").strip() or not CAN_FORK:
+        return given  # where fork is unsafe (macOS) mmengine's workers are spawned too
+    reason = refuse_fork()
+    if reason is None:
+        return "fork"
+    import warnings
+
+    threads = reason.partition("(")[2].partition(")")[0]
+    warnings.warn(
+        f"track_parallel_progress: other Python threads run ({threads}), so workers cannot "
+        "be forks of this process as mmengine's are: they start as fresh interpreters, and "
+        "see modules imported anew (start_method='spawn')",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return None
 
 
 def _init_options(initializer: Any, initargs: Any) -> dict[str, Any]:
