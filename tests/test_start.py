@@ -463,3 +463,33 @@ def test_calls_in_several_threads_share_the_zygote_safely() -> None:
     for thread in threads:
         thread.join()
     assert not failures, failures
+
+
+FAKE_TORCH = """
+class cuda:
+    @staticmethod
+    def is_initialized():
+        return True  # as after a model was moved to the GPU
+"""
+
+
+@needs_fork
+@pytest.mark.timeout(60)
+def test_a_module_that_initialises_cuda_on_import_is_never_forked_with_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if "torch" in sys.modules:
+        pytest.skip("a real torch is loaded here")
+    (tmp_path / "torch.py").write_text(FAKE_TORCH)
+    (tmp_path / "on_gpu.py").write_text("import torch\n\ndef double(x):\n    return 2 * x\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("MULTITRACK_TEST_ENV", "a zygote of its own")
+    import on_gpu  # type: ignore[import-not-found]
+
+    try:
+        assert mt.map(on_gpu.double, [1, 2, 3], workers=2) == [2, 4, 6]
+        [zygote] = _zygote._zygotes.values()
+        assert zygote.unsafe and not zygote.usable
+    finally:
+        sys.modules.pop("on_gpu", None)
+        sys.modules.pop("torch", None)

@@ -40,9 +40,10 @@ one (the old one exits once its last worker is released).
 **Lifetime.** The zygote exits when its control socket reaches EOF: when the caller exits or
 dies (even by SIGKILL) or closes it. It runs no task and holds no result.
 
-**When it cannot be used** (it failed to start or died, or a preloaded module started a
-Python thread in it, so that forking it could copy a held lock), workers are fresh
-interpreters, as where ``fork`` is unsafe (macOS); the semantics are the same.
+**When it cannot be used** (it failed to start or died; a preloaded module started a Python
+thread in it, so that forking it could copy a held lock; or initialised CUDA, which a fork
+cannot use again), workers are fresh interpreters, as where ``fork`` is unsafe (macOS); the
+semantics are the same.
 """
 
 from __future__ import annotations
@@ -438,6 +439,8 @@ class _Server:  # pragma: no cover - runs in the zygote process
 
         if len(fds) != 5 or threading.active_count() > 1 or len(sys._current_frames()) > 1:
             self._reply(("unsafe", token, None))  # a preloaded module started a thread
+        elif _cuda_in_use():
+            self._reply(("unsafe", token, None))  # a fork could not use CUDA again
         else:
             pid = _fork_worker(cwd, fds, closing=(self.control.fileno(), *self._wake_fds()))
             if pid is None:
@@ -477,6 +480,16 @@ class _Server:  # pragma: no cover - runs in the zygote process
             self.control.send(pickle.dumps(message))
         except OSError:
             pass  # the caller is gone: the loop sees EOF next
+
+
+def _cuda_in_use() -> bool:  # pragma: no cover - the zygote
+    """Whether a preloaded module initialised CUDA (a model moved to the GPU at import):
+    CUDA cannot be used again in a fork, and fresh interpreters each initialise their own."""
+    torch = sys.modules.get("torch")
+    try:
+        return bool(torch is not None and torch.cuda.is_initialized())
+    except Exception:
+        return False
 
 
 def _preload(
