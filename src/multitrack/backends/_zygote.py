@@ -365,13 +365,14 @@ _IMPORTER = "\0import"  # stands for cloudpickle's subimport in modules_needed's
 
 
 def _exists(pid: int) -> bool:
+    """Whether ``pid`` still runs. A worker whose zygote died is reparented to init, or to
+    whatever runs as PID 1 in a container, which may never reap it: a zombie has exited."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            state = stat.read().rpartition(b")")[2].split()[0]
+    except (OSError, IndexError):
         return False
-    except PermissionError:
-        return True
-    return True
+    return state not in (b"Z", b"X")
 
 
 def _reap_later(process: Any) -> None:
