@@ -18,6 +18,12 @@ import multitrack as mt
 from multitrack.backends import _platform, _start, _zygote
 from scripts import run_script
 
+
+def latest_zygote() -> _zygote.Zygote:
+    """The zygote the last call used (the registry keeps the most recently used last)."""
+    return list(_zygote._zygotes.values())[-1]
+
+
 needs_fork = pytest.mark.skipif(
     not _platform.CAN_FORK, reason="fork is not used here (MULTITRACK_WITHOUT or not Linux)"
 )
@@ -179,13 +185,13 @@ def test_workers_see_the_callers_environment_directory_and_path_of_the_moment(
 @pytest.mark.timeout(60)
 def test_a_zygote_that_died_is_replaced() -> None:
     assert mt.map(abs, [-1, -2], workers=2) == [1, 2]
-    [zygote] = _zygote._zygotes.values()
+    zygote = latest_zygote()
     zygote.process.kill()
     zygote.process.wait()
     assert mt.map(abs, [-1, -2], workers=2) == [1, 2]
     with mt.Pool(workers=2) as pool:  # and killed under a live pool: its workers live on
         assert pool.map(abs, [-1, -2]) == [1, 2]
-        [zygote] = _zygote._zygotes.values()
+        zygote = latest_zygote()
         zygote.process.kill()
         zygote.process.wait()
         assert pool.map(abs, [-3, -4]) == [3, 4]
@@ -218,7 +224,7 @@ def test_a_module_that_starts_a_thread_on_import_is_never_forked_with_it(
     try:
         for _ in range(2):
             assert mt.map(threaded.double, [1, 2, 3], workers=2) == [2, 4, 6]
-            [zygote] = _zygote._zygotes.values()
+            zygote = latest_zygote()
             assert zygote.unsafe and not zygote.usable
     finally:
         sys.modules.pop("threaded", None)
@@ -488,7 +494,7 @@ def test_a_module_that_initialises_cuda_on_import_is_never_forked_with_it(
 
     try:
         assert mt.map(on_gpu.double, [1, 2, 3], workers=2) == [2, 4, 6]
-        [zygote] = _zygote._zygotes.values()
+        zygote = latest_zygote()
         assert zygote.unsafe and not zygote.usable
     finally:
         sys.modules.pop("on_gpu", None)

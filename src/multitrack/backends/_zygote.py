@@ -34,8 +34,9 @@ may still signal (a kill, a stack dump) is never reused meanwhile.
 
 **One zygote per environment.** Libraries read the environment when they are imported
 (``OMP_NUM_THREADS``, ``CUDA_VISIBLE_DEVICES``): a zygote is started with the caller's
-environment plus the workers' thread caps, and a caller whose environment changed gets a new
-one (the old one exits once its last worker is released).
+environment plus the workers' thread caps (which depend on the pool's size), and a caller whose
+environment changed gets a new one. Two are kept (a program may alternate between two pool
+sizes); an older one exits once its last worker is released.
 
 **Lifetime.** The zygote exits when its control socket reaches EOF: when the caller exits or
 dies (even by SIGKILL) or closes it. It runs no task and holds no result.
@@ -72,6 +73,9 @@ _DROPPED = 255
 # Past this size a payload is not read through for module names (a function that carries a
 # large table by value): its workers import what they need themselves.
 SCAN_LIMIT = 4 << 20
+# Zygotes kept at once, one per environment (pools of different sizes differ in their thread
+# caps, and a program may alternate between two): each holds what it preloaded.
+MAX_ZYGOTES = 2
 
 
 # -- the caller's side ------------------------------------------------------------------------
@@ -229,16 +233,16 @@ _registry_lock = threading.Lock()
 
 def _for_env(env: Mapping[str, str]) -> Zygote | None:
     key = tuple(sorted(env.items()))
-    found = _zygotes.get(key)
-    if found is not None:
-        if found.usable or found.unsafe or found.process.poll() is None:
-            return found if found.usable else None
-        del _zygotes[key]  # it died: one more try
-    for other in _zygotes.values():
-        other.retiring = True
-        if not other._children:
-            other.close()
-    _zygotes.clear()
+    found = _zygotes.pop(key, None)
+    if found is not None and (found.usable or found.unsafe or found.process.poll() is None):
+        _zygotes[key] = found  # the most recently used last
+        return found if found.usable else None
+    # none yet, or it died: start one
+    while len(_zygotes) >= MAX_ZYGOTES:  # the least recently used goes
+        oldest = _zygotes.pop(next(iter(_zygotes)))
+        oldest.retiring = True
+        if not oldest._children:
+            oldest.close()
     try:
         _zygotes[key] = fresh = Zygote(env)
     except OSError:
