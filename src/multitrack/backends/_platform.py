@@ -8,8 +8,9 @@ backend has a fallback for each missing piece::
               parent's wait at once                                       of the workers every 0.5 s
     memfd     large buffers and the slot   none                           buffers in the message;
               in anonymous shared memory                                  the slot in a temp file
-    fork      safe when the caller has     unsafe (system frameworks)     fresh interpreters
-              one thread
+    fork      workers forked from the      unsafe (system frameworks)     fresh interpreters (the
+              zygote (or the caller)                                      same semantics); no
+                                                                          start_method="fork"
 
 ``MULTITRACK_WITHOUT=pidfd,memfd,fork`` switches features off on Linux too, so that the
 fallbacks run in the test suite (``.ci/matrix.py`` runs the contract and fault tests that way);
