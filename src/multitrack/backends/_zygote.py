@@ -41,6 +41,8 @@ sizes); an older one exits once its last worker is released.
 **Lifetime.** The zygote exits when its control socket reaches EOF: when the caller exits or
 dies (even by SIGKILL) or closes it. It runs no task and holds no result.
 
+The zygote's own loop is ``_zygote_server`` (it imports only what a worker needs).
+
 **When it cannot be used** (it failed to start or died; a preloaded module started a Python
 thread in it, so that forking it could copy a held lock; or initialised CUDA, which a fork
 cannot use again), workers are fresh interpreters, as where ``fork`` is unsafe (macOS); the
@@ -54,7 +56,6 @@ import itertools
 import os
 import pickle
 import pickletools
-import signal
 import socket
 import sys
 import threading
@@ -63,8 +64,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import IO, Any
 
 from multitrack.backends._watch import wait_readable
+from multitrack.backends._zygote_server import MAX_MESSAGE
 
-MAX_MESSAGE = 1 << 16  # control messages are small: a path list, names, a pid
 REPLY_TIMEOUT = 60.0  # for a fork: the zygote may be importing a heavy module first
 CLOSE_WAIT = 0.1  # seconds a closed zygote gets to exit before it is left to exit on its own
 # A zygote that is gone cannot tell its workers' exit statuses: this stands in (not negative:
@@ -92,7 +93,7 @@ class Zygote:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         with theirs:
             self.process = subprocess.Popen(
-                boot_command("multitrack.backends._zygote", theirs.fileno()),
+                boot_command("multitrack.backends._zygote_server", theirs.fileno()),
                 pass_fds=(theirs.fileno(),),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,  # what an import prints there is no task's output
@@ -387,160 +388,3 @@ def _reap_later(process: Any) -> None:
 
 
 _closed: list[Any] = []
-
-
-# -- the zygote's side --------------------------------------------------------------------------
-
-
-def main() -> None:  # pragma: no cover - runs in the zygote process
-    """The zygote's entry point (``python -c BOOT CONTROL_FD SYS_PATH``): serve until EOF."""
-    try:
-        _Server(int(sys.argv[1])).serve()
-    finally:
-        os._exit(0)
-
-
-class _Server:  # pragma: no cover - runs in the zygote process
-    """The zygote's loop: preload, fork, report exits, reap what is released."""
-
-    def __init__(self, control_fd: int) -> None:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        self.control = socket.socket(fileno=control_fd)
-        self.wake_read, self.wake_write = os.pipe()
-        for fd in (self.wake_read, self.wake_write):
-            os.set_blocking(fd, False)
-        signal.set_wakeup_fd(self.wake_write, warn_on_full_buffer=False)
-        signal.signal(signal.SIGCHLD, lambda *_: None)  # a handler: the wake-up fd is written
-        self.children: dict[int, bool] = {}  # pid -> released by the caller
-        self.exited: set[int] = set()  # reported to the caller, not released yet
-
-    def serve(self) -> None:
-        import select
-
-        control = self.control.fileno()
-        while True:
-            readable, _, _ = select.select([control, self.wake_read], [], [])
-            if self.wake_read in readable:
-                while _drained(self.wake_read):
-                    pass
-            self._report_exits()
-            if control in readable:
-                data, fds, _, _ = socket.recv_fds(self.control, MAX_MESSAGE, 8)
-                if not data:
-                    return  # the caller is gone
-                self._handle(pickle.loads(data), fds)
-
-    def _handle(self, message: tuple[Any, ...], fds: list[int]) -> None:
-        if message[0] == "preload":
-            _preload(message[1], message[2], message[3])
-        elif message[0] == "fork":
-            self._fork(message[1], message[2], fds)
-        elif message[0] == "release":
-            self.children[message[1]] = True
-            self._report_exits()
-
-    def _fork(self, token: int, cwd: str, fds: list[int]) -> None:
-        import threading
-
-        if len(fds) != 5 or threading.active_count() > 1 or len(sys._current_frames()) > 1:
-            self._reply(("unsafe", token, None))  # a preloaded module started a thread
-        elif _cuda_in_use():
-            self._reply(("unsafe", token, None))  # a fork could not use CUDA again
-        else:
-            pid = _fork_worker(cwd, fds, closing=(self.control.fileno(), *self._wake_fds()))
-            if pid is None:
-                self._reply(("failed", token, None))
-            else:
-                self.children[pid] = False
-                self._reply(("forked", token, pid))
-        for fd in fds:
-            os.close(fd)
-
-    def _wake_fds(self) -> tuple[int, int]:
-        return self.wake_read, self.wake_write
-
-    def _report_exits(self) -> None:
-        for pid, released in list(self.children.items()):
-            if pid not in self.exited:
-                try:
-                    info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-                except ChildProcessError:
-                    info = None
-                    released = True
-                if info is None:
-                    continue
-                code = info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
-                self.exited.add(pid)
-                self._reply(("exit", pid, code))
-            if released:
-                try:
-                    os.waitpid(pid, 0)
-                except ChildProcessError:
-                    pass
-                del self.children[pid]
-                self.exited.discard(pid)
-
-    def _reply(self, message: tuple[Any, ...]) -> None:
-        try:
-            self.control.send(pickle.dumps(message))
-        except OSError:
-            pass  # the caller is gone: the loop sees EOF next
-
-
-def _cuda_in_use() -> bool:  # pragma: no cover - the zygote
-    """Whether a preloaded module initialised CUDA (a model moved to the GPU at import):
-    CUDA cannot be used again in a fork, and fresh interpreters each initialise their own."""
-    torch = sys.modules.get("torch")
-    try:
-        return bool(torch is not None and torch.cuda.is_initialized())
-    except Exception:
-        return False
-
-
-def _preload(
-    path: list[str], argv: list[str], names: list[str]
-) -> None:  # pragma: no cover - the zygote
-    """Import ``names`` as a fresh worker would: with the caller's ``sys.path`` and
-    ``sys.argv`` (a module may read flags at import)."""
-    import importlib
-
-    sys.path[:] = path
-    sys.argv[:] = argv
-    for name in names:
-        if name not in sys.modules:
-            try:
-                importlib.import_module(name)
-            except BaseException:  # the worker imports it again, and says what went wrong
-                pass
-
-
-def _fork_worker(
-    cwd: str, fds: list[int], *, closing: tuple[int, ...]
-) -> int | None:  # pragma: no cover - the zygote
-    import warnings
-
-    from multitrack.backends._start import ChildEnds, become_worker
-
-    with warnings.catch_warnings():
-        # Native threads (OpenBLAS's pool, after numpy's import) make 3.12+ warn; OpenBLAS
-        # stops its pool around a fork, and no Python thread runs here (checked above).
-        warnings.simplefilter("ignore", DeprecationWarning)
-        try:
-            pid = os.fork()
-        except OSError:
-            return None
-    if pid == 0:
-        try:
-            os.chdir(cwd)
-        except OSError:
-            pass
-        conn, slot, stacks, out, err = fds
-        become_worker(ChildEnds(conn, slot, stacks), (out, err), closing=closing, mask=set())
-    return pid
-
-
-def _drained(fd: int) -> bool:  # pragma: no cover - the zygote
-    try:
-        return bool(os.read(fd, 512))
-    except BlockingIOError:
-        return False
