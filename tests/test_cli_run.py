@@ -182,7 +182,7 @@ def test_a_module_by_name_from_the_current_folder(folder: Path) -> None:
 def test_a_file_outside_sys_path_with_its_initializer(folder: Path, start: str) -> None:
     elsewhere = folder / "elsewhere"
     elsewhere.mkdir()
-    env = {"MULTITRACK_START_METHOD": "spawn"} if start == "spawn" else {}
+    env = {"MULTITRACK_START_METHOD": start}
 
     done = run(
         str(folder / "fns.py") + ":state",

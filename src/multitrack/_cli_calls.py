@@ -18,10 +18,10 @@ A function from a ``.py`` file (``ScriptFunction``) is imported under a module n
 the file's absolute path (``_mt_script_<stem>_<hash>``), registered in ``sys.modules``, the way
 ``python FILE`` would run it except that ``__name__`` is not ``"__main__"`` (an
 ``if __name__ == "__main__":`` block does not run). It travels with the file's source text, so
-a worker that does not have the module yet (a fresh interpreter: ``MULTITRACK_START_METHOD=
-spawn``, numpy's threads, a cluster) rebuilds the same module from the same text, whether or
-not the file's folder is on its ``sys.path`` and even if the file changed meanwhile; a forked
-worker finds it already imported. The file's folder goes to the front of ``sys.path`` first, as
+a worker that does not have the module yet (the default start, a fork of the zygote or a
+fresh interpreter; a cluster) rebuilds the same module from the same text, whether or not the
+file's folder is on its ``sys.path`` and even if the file changed meanwhile; a fork of the
+caller (``MULTITRACK_START_METHOD=fork``) finds it already imported. The file's folder goes to the front of ``sys.path`` first, as
 with ``python FILE``, so the file can import its neighbours. An ``--init`` from the same file
 runs in the same module, so the globals it sets are the ones the function reads.
 
