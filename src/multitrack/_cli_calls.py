@@ -21,8 +21,9 @@ the file's absolute path (``_mt_script_<stem>_<hash>``), registered in ``sys.mod
 a worker that does not have the module yet (the default start, a fork of the zygote or a
 fresh interpreter; a cluster) rebuilds the same module from the same text, whether or not the
 file's folder is on its ``sys.path`` and even if the file changed meanwhile; a fork of the
-caller (``MULTITRACK_START_METHOD=fork``) finds it already imported. The file's folder goes to the front of ``sys.path`` first, as
-with ``python FILE``, so the file can import its neighbours. An ``--init`` from the same file
+caller (``MULTITRACK_START_METHOD=fork``) finds it already imported. The file's folder goes
+to the front of ``sys.path`` first, as with ``python FILE``, so the file can import its
+neighbours. An ``--init`` from the same file
 runs in the same module, so the globals it sets are the ones the function reads.
 
 Example:
