@@ -189,6 +189,8 @@ def test_a_zygote_that_died_is_replaced() -> None:
     zygote.process.kill()
     zygote.process.wait()
     assert mt.map(abs, [-1, -2], workers=2) == [1, 2]
+    # a new zygote forked those workers (not fresh interpreters, which would pass too)
+    assert latest_zygote() is not zygote and latest_zygote().usable
     with mt.Pool(workers=2) as pool:  # and killed under a live pool: its workers live on
         assert pool.map(abs, [-1, -2]) == [1, 2]
         zygote = latest_zygote()

@@ -283,20 +283,19 @@ def _start_method(given: str | None) -> str | None:
     """The drop-in's start method: ``given``, else the environment's, else a fork of the
     caller (mmengine's semantics) when that is safe, else the default, said in a warning."""
     from multitrack.backends._platform import CAN_FORK
-    from multitrack.backends._start import START_METHOD_ENV, refuse_fork
+    from multitrack.backends._start import START_METHOD_ENV, other_python_threads
 
     if given is not None or os.environ.get(START_METHOD_ENV, "").strip() or not CAN_FORK:
         return given  # where fork is unsafe (macOS) mmengine's workers are spawned too
-    reason = refuse_fork()
-    if reason is None:
+    threads = other_python_threads()
+    if not threads:
         return "fork"
     import warnings
 
-    threads = reason.partition("(")[2].partition(")")[0]
     warnings.warn(
-        f"track_parallel_progress: other Python threads run ({threads}), so workers cannot "
-        "be forks of this process as mmengine's are: they start as fresh interpreters, and "
-        "see modules imported anew (start_method='spawn')",
+        f"track_parallel_progress: other Python threads run ({', '.join(threads)}), so "
+        "workers cannot be forks of this process as mmengine's are: they start as fresh "
+        "interpreters, and see modules imported anew (start_method='spawn')",
         RuntimeWarning,
         stacklevel=3,
     )

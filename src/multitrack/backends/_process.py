@@ -67,7 +67,7 @@ from typing import IO, Any
 from multitrack._errors import WorkerStartError
 from multitrack._memory import OomWitness
 from multitrack.backends import _protocol as P
-from multitrack.backends import _start, _wire
+from multitrack.backends import _wire
 from multitrack.backends._base import (
     Chunk,
     Completed,
@@ -91,6 +91,9 @@ from multitrack.backends._start import (
     refuse_fork,
     start_worker,
     thread_limits,
+)
+from multitrack.backends._start import (
+    start_method as resolve_start_method,
 )
 from multitrack.backends._watch import Watch, wait_readable
 
@@ -139,7 +142,7 @@ class ProcessBackend(PooledBackend):
         self.startup_seconds = 0.0  # workers' time from their start to READY, in all
         self._thread_limits = thread_limits(workers)
         # A bad MULTITRACK_START_METHOD fails here, before any worker starts.
-        self._start_method = _start.start_method(start_method)
+        self._start_method = resolve_start_method(start_method)
         _live_backends.add(self)
 
     # -- call lifecycle -------------------------------------------------------------------

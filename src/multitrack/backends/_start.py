@@ -109,16 +109,25 @@ def refuse_fork() -> str | None:
             "start_method='fork' is not available here: fork is unsafe on this platform "
             "(or switched off by MULTITRACK_WITHOUT); use start_method='spawn'"
         )
-    import threading
-
-    others = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
-    if others or len(sys._current_frames()) > 1:
+    others = other_python_threads()
+    if others:
         return (
             "start_method='fork' cannot fork this process while other Python threads run "
-            f"({', '.join(others) or 'unnamed'}): a lock one of them holds would stay locked in "
-            "every worker. Stop them before the call, or use start_method='spawn'"
+            f"({', '.join(others)}): a lock one of them holds would stay locked in every "
+            "worker. Stop them before the call, or use start_method='spawn'"
         )
     return None
+
+
+def other_python_threads() -> list[str]:
+    """The names of the Python threads running beside this one (``"unnamed"`` for one
+    started with ``_thread``, which ``threading`` does not list)."""
+    import threading
+
+    others = [t.name for t in threading.enumerate() if t is not threading.current_thread()]
+    if len(sys._current_frames()) > len(others) + 1:
+        others.append("unnamed")
+    return others
 
 
 def thread_limits(workers: int) -> dict[str, str]:

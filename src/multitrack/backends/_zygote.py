@@ -106,13 +106,18 @@ class Zygote:
         self._preloaded: set[str] = set()
         self._exits: dict[int, int] = {}
         self._children: set[int] = set()  # forked and not released
-        self.usable = True  # False: gone, or unsafe to fork; workers start otherwise
         self.unsafe = False  # a preloaded module started a thread: never used again
         self._tokens = itertools.count()
         # One request and its reply at a time: calls in several threads share the zygote.
         self._lock = threading.RLock()
         self._awaited = -1  # the fork request whose reply is awaited
         self.retiring = False  # replaced: exits once its last worker is released
+
+    @property
+    def usable(self) -> bool:
+        """Whether workers may be forked from it: ``close`` (it is gone, unsafe or failed)
+        closes its socket, which is the one record of that."""
+        return self._control.fileno() >= 0
 
     def preload(self, names: Iterable[str]) -> None:
         """Have the zygote import ``names`` (once each) before its next fork."""
@@ -176,7 +181,6 @@ class Zygote:
     def close(self) -> None:
         """Let it exit (EOF on its socket: at once, unless it is busy importing); its workers
         are told nothing, and live on."""
-        self.usable = False
         self._control.close()
         import subprocess
 
@@ -198,7 +202,7 @@ class Zygote:
     def _receive(self, timeout: float) -> Iterator[tuple[Any, ...]]:
         """The replies waiting (after up to ``timeout`` seconds for the first); exit statuses
         are kept, everything else is yielded."""
-        if self._control.fileno() < 0 or not wait_readable({self._control: None}, timeout):
+        if not self.usable or not wait_readable({self._control: None}, timeout):
             return
         while True:
             try:
