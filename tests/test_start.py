@@ -201,6 +201,35 @@ def test_a_zygote_that_died_is_replaced() -> None:
         assert isinstance(got[3], mt.WorkerCrashed) and got[:3] == [0, 1, 2]
 
 
+PRESTART = """
+import os
+import multitrack as mt
+from multitrack.backends import _zygote
+
+def zygotes():
+    return [z.process.pid for z in _zygote._zygotes.values()]
+
+imported = zygotes()
+call = mt.map  # the first use of a call: its zygote boots while the caller goes on
+reached = zygotes()
+assert mt.map(abs, [-1, -2]) == [1, 2]  # default workers: forked from that very zygote
+print(imported, reached == zygotes(), len(reached))
+"""
+
+
+@needs_fork
+@pytest.mark.timeout(60)
+def test_the_first_use_of_a_call_starts_its_zygote_and_an_import_does_not(
+    tmp_path: Path,
+) -> None:
+    assert run_script(tmp_path, PRESTART).split() == ["[]", "True", "1"]
+    # Asked for forks of the caller, nothing is started ahead.
+    forked = PRESTART.replace(
+        "import os\n", "import os\nos.environ['MULTITRACK_START_METHOD'] = 'fork'\n"
+    )
+    assert run_script(tmp_path, forked).split() == ["[]", "True", "0"]
+
+
 THREADED = """
 import os, threading, time
 if os.getpid() != int(os.environ["CALLER_PID"]):  # not in the test's own process

@@ -82,6 +82,10 @@ for _error in (
 def __getattr__(name: str) -> Any:
     if name not in _LAZY:
         raise AttributeError(f"module 'multitrack' has no attribute {name!r}")
+    if _LAZY[name] == "multitrack._api":  # a call is coming: its workers' zygote boots now
+        from multitrack.backends._start import prestart
+
+        prestart()
     value = _public(getattr(importlib.import_module(_LAZY[name]), name))
     globals()[name] = value
     return value

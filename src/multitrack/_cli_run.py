@@ -257,7 +257,7 @@ def _param(text: str) -> tuple[str, str]:
 def _workers(text: str) -> int:
     try:
         if text.endswith("%"):
-            from multitrack._options import usable_cpus
+            from multitrack.backends._platform import usable_cpus
 
             share = float(text[:-1])
             if not math.isfinite(share) or share <= 0:

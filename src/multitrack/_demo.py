@@ -58,7 +58,7 @@ import multitrack as mt
 # process with SIGINT at exit, even though the KeyboardInterrupt was handled: exit -2, not 130.
 import multitrack._api
 import multitrack.backends._process
-from multitrack._options import usable_cpus
+from multitrack.backends._platform import usable_cpus
 
 if TYPE_CHECKING:
     import numpy as np

@@ -75,8 +75,9 @@ from typing import Any, Literal, Protocol
 
 from multitrack._api import run_calls
 from multitrack._errors import MultitrackError, RemoteError, TaskError
-from multitrack._options import integer, usable_cpus
+from multitrack._options import integer
 from multitrack._progress import Outcome, Progress, _disabled_by_env, _log_interval
+from multitrack.backends._platform import usable_cpus
 
 __all__ = ["track_iter_progress", "track_parallel_progress", "track_progress"]
 

@@ -25,6 +25,7 @@ from typing import Any
 
 from multitrack.backends import CAPABILITIES
 from multitrack.backends import NAMES as BACKENDS
+from multitrack.backends._platform import usable_cpus
 
 ERROR_MODES = ("raise", "return")
 START_METHODS = ("spawn", "fork")  # as backends._start.START_METHODS (not imported: os, signal)
@@ -59,51 +60,6 @@ class Options:
     # Not an option: ``workers`` was left to its default, so a backend attaching to an
     # existing cluster may use all of it instead of this machine's CPU count.
     fit_cluster: bool = False
-
-
-def usable_cpus() -> int:
-    """CPUs this process may really use: its affinity mask (or ``os.process_cpu_count``,
-    which honours ``PYTHON_CPU_COUNT`` on 3.13+), and a cgroup CPU quota (containers,
-    slurm) when one is set. ``os.cpu_count()`` counts the machine, which oversubscribes.
-
-    Example:
-        >>> usable_cpus() >= 1
-        True
-    """
-    process_cpu_count = getattr(os, "process_cpu_count", None)
-    count: int | None = process_cpu_count() if process_cpu_count is not None else None
-    if count is None:
-        try:
-            count = len(os.sched_getaffinity(0))
-        except (AttributeError, OSError):
-            count = os.cpu_count() or 1
-    quota = _cgroup_quota()
-    if quota is not None:
-        count = min(count, quota)
-    return max(1, count)
-
-
-def _cgroup_quota() -> int | None:
-    candidates = (
-        ("/sys/fs/cgroup/cpu.max", None),  # cgroup v2: "max 100000" or "200000 100000"
-        ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us"),
-    )
-    for first, second in candidates:
-        try:
-            with open(first) as handle:
-                fields_ = handle.read().split()
-            if second is not None:
-                with open(second) as handle:
-                    fields_.append(handle.read().strip())
-        except OSError:
-            continue
-        if len(fields_) >= 2 and fields_[0] not in ("max", "-1"):
-            try:
-                return max(1, math.ceil(int(fields_[0]) / int(fields_[1])))
-            except (ValueError, ZeroDivisionError):
-                return None
-        return None
-    return None
 
 
 # -- value checks: each takes (name, value) and returns the value to keep ------------------

@@ -1,4 +1,6 @@
-"""What the operating system gives the process backend, decided once, in one place.
+"""What the operating system gives the process backend, decided once, in one place: the
+features below, and how many CPUs the process may use (``usable_cpus``: the default pool size,
+and the native thread caps a zygote is started with).
 
 Linux gives everything the backend is built on; other POSIX systems lack some of it, and the
 backend has a fallback for each missing piece::
@@ -23,6 +25,7 @@ there.
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import sys
@@ -61,3 +64,48 @@ def require_posix() -> None:
             f"{sys.platform}. Use backend='thread' (I/O-bound work, code that releases the "
             "GIL) or backend='dask' / 'ray', or run under WSL."
         )
+
+
+def usable_cpus() -> int:
+    """CPUs this process may really use: its affinity mask (or ``os.process_cpu_count``,
+    which honours ``PYTHON_CPU_COUNT`` on 3.13+), and a cgroup CPU quota (containers,
+    slurm) when one is set. ``os.cpu_count()`` counts the machine, which oversubscribes.
+
+    Example:
+        >>> usable_cpus() >= 1
+        True
+    """
+    process_cpu_count = getattr(os, "process_cpu_count", None)
+    count: int | None = process_cpu_count() if process_cpu_count is not None else None
+    if count is None:
+        try:
+            count = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            count = os.cpu_count() or 1
+    quota = _cgroup_quota()
+    if quota is not None:
+        count = min(count, quota)
+    return max(1, count)
+
+
+def _cgroup_quota() -> int | None:
+    candidates = (
+        ("/sys/fs/cgroup/cpu.max", None),  # cgroup v2: "max 100000" or "200000 100000"
+        ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us"),
+    )
+    for first, second in candidates:
+        try:
+            with open(first) as handle:
+                fields_ = handle.read().split()
+            if second is not None:
+                with open(second) as handle:
+                    fields_.append(handle.read().strip())
+        except OSError:
+            continue
+        if len(fields_) >= 2 and fields_[0] not in ("max", "-1"):
+            try:
+                return max(1, math.ceil(int(fields_[0]) / int(fields_[1])))
+            except (ValueError, ZeroDivisionError):
+                return None
+        return None
+    return None

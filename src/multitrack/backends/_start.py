@@ -43,13 +43,7 @@ import warnings
 from collections.abc import Sequence
 from typing import IO, NamedTuple, Protocol
 
-from multitrack.backends._platform import CAN_FORK
-
-if CAN_FORK:
-    # A forked worker runs this module's code; imported here, with the backend, it is
-    # imported once, not in every child after its fork nor on a first call's timed path
-    # (1-2 ms of each worker's start, measured on a one-shot imap's first result).
-    from multitrack.backends import _worker  # noqa: F401
+from multitrack.backends._platform import CAN_FORK, usable_cpus
 
 # The default of the ``start_method`` option, for a whole script without editing it.
 START_METHOD_ENV = "MULTITRACK_START_METHOD"
@@ -158,6 +152,11 @@ def start_worker(
             from multitrack._errors import WorkerStartError
 
             raise WorkerStartError(reason)
+        # A fork of the caller runs the worker's code: imported here, before the fork, it is
+        # imported once, not in every child (1-2 ms of each worker's start). A zygote
+        # imports it when it boots; the caller of the default start never needs it.
+        from multitrack.backends import _worker  # noqa: F401
+
         return _fork(ends, parent_ends, limits)
     env = {**os.environ, **limits}
     if CAN_FORK:
@@ -175,6 +174,31 @@ def start_worker(
         start_new_session=True,
         env=env,
     )
+
+
+def prestart() -> None:
+    """Start the zygote that a call with the default ``workers`` and start method will fork
+    its workers from, so that it boots (a fresh interpreter: tens of milliseconds) while the
+    caller imports the rest of multitrack and prepares the call. Called on a program's first
+    use of a call (``multitrack.map``, ``imap``, ``starmap``, ``Pool``), not on import: a
+    program that imports multitrack and never maps starts no process. Does nothing where
+    workers are not forked from a zygote, or when the environment asks for another start.
+    A call whose workers need another environment (another ``workers``: other thread caps)
+    starts its own zygote, as it would have anyway.
+
+    Example:
+        >>> prestart()  # on Linux: a zygote boots in the background; elsewhere nothing
+    """
+    if not CAN_FORK:
+        return
+    try:
+        if start_method() != "spawn":
+            return
+    except ValueError:  # a bad MULTITRACK_START_METHOD: the call says so, before any worker
+        return
+    from multitrack.backends import _zygote
+
+    _zygote.for_env({**os.environ, **thread_limits(usable_cpus())})
 
 
 def preload(payloads: Sequence[bytes], limits: dict[str, str]) -> None:

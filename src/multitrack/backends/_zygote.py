@@ -38,7 +38,10 @@ environment plus the workers' thread caps (which depend on the pool's size), and
 environment changed gets a new one. Two are kept (a program may alternate between two pool
 sizes); an older one exits once its last worker is released.
 
-**Lifetime.** The zygote exits when its control socket reaches EOF: when the caller exits or
+**Lifetime.** A process's first use of a call (``multitrack.map`` and its siblings) starts the
+zygote for the default pool size (``_start.prestart``): it boots while the caller imports the
+scheduler and prepares the call, which hides about half of its start. ``import multitrack``
+alone starts nothing. The zygote exits when its control socket reaches EOF: when the caller exits or
 dies (even by SIGKILL) or closes it. It runs no task and holds no result.
 
 The zygote's own loop is ``_zygote_server`` (it imports only what a worker needs).

@@ -12,8 +12,9 @@ time) and a pipe the SIGCHLD handler writes into (a worker exited)::
     SIGCHLD ──▶ waitid(WNOWAIT) for each child ──▶ reply "exit" pid code (not reaped yet)
 
 EOF on the control socket (the caller exited, died or closed it) ends it; its workers see EOF
-on their own sockets and exit too. It imports as little as a worker needs, since its start is
-on the path of a process's first call.
+on their own sockets and exit too. It imports what a worker needs and no more (the caller's
+side, the scheduler, tqdm: none of it), since its start is on the path of a process's first
+call.
 """
 
 from __future__ import annotations
@@ -31,7 +32,13 @@ MAX_MESSAGE = 1 << 16  # control messages are small: a path list, names, a pid
 def main() -> None:  # pragma: no cover - runs in the zygote process
     """The zygote's entry point (``python -c BOOT CONTROL_FD SYS_PATH``): serve until EOF."""
     try:
-        _Server(int(sys.argv[1])).serve()
+        server = _Server(int(sys.argv[1]))
+        # What every worker runs, imported while the caller still prepares its call (the
+        # zygote is started before the caller's own first-call imports), not after its
+        # first fork request.
+        from multitrack.backends import _start, _worker  # noqa: F401
+
+        server.serve()
     finally:
         os._exit(0)
 
