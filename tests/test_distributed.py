@@ -23,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -223,6 +224,19 @@ def test_results_equal_builtin_map(on: dict[str, Any]) -> None:
     assert mt.map(faults.square, [], **on) == []
     offset = 10
     assert mt.map(lambda x: x + offset, range(3), **on) == [10, 11, 12]  # by value
+
+
+def test_a_function_of_a_module_made_at_run_time_reaches_the_workers(
+    on: dict[str, Any],
+) -> None:
+    # A plugin loaded by path, or code made at run time: the workers cannot import it by name.
+    module = types.ModuleType("made_for_the_cluster")
+    exec("def triple(x):\n    return 3 * x\n", module.__dict__)
+    sys.modules[module.__name__] = module
+    try:
+        assert mt.map(module.triple, [1, 2], **on) == [3, 6]
+    finally:
+        del sys.modules[module.__name__]
 
 
 def test_chunks_grow_from_measured_task_time(on: dict[str, Any], monkeypatch: Any) -> None:

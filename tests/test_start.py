@@ -5,10 +5,12 @@ the same worker, the same behaviour, either way."""
 from __future__ import annotations
 
 import gc
+import importlib.util
 import os
 import subprocess
 import sys
 import threading
+import types
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ import pytest
 import faults
 import multitrack as mt
 from multitrack.backends import _platform, _start, _zygote
+from multitrack.backends._importable import not_importable
 from scripts import run_script
 
 
@@ -530,3 +533,94 @@ def test_a_module_that_initialises_cuda_on_import_is_never_forked_with_it(
     finally:
         sys.modules.pop("on_gpu", None)
         sys.modules.pop("torch", None)
+
+
+PLUGIN = """
+class Box:
+    def __init__(self, value):
+        self.value = value
+
+def boxed(x):
+    return Box(3 * x)
+"""
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.usefixtures("each_start_method")
+@pytest.mark.parametrize("made", ["from a file path", "at run time"])
+def test_a_function_whose_module_is_not_on_sys_path_reaches_every_worker(
+    tmp_path: Path, made: str
+) -> None:
+    # A config file or a plugin loaded by path (mmengine's Config does this), or code made at
+    # run time: a fork of the caller has the module, a fresh worker cannot import it by name.
+    if made == "from a file path":
+        (tmp_path / "plugin_by_path.py").write_text(PLUGIN)
+        spec = importlib.util.spec_from_file_location(
+            "plugin_by_path", tmp_path / "plugin_by_path.py"
+        )
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module.__name__] = module
+        spec.loader.exec_module(module)
+    else:
+        module = types.ModuleType("plugin_made_now")
+        sys.modules[module.__name__] = module
+        exec(PLUGIN, module.__dict__)
+    try:
+        got = mt.map(module.boxed, [1, 2], workers=2)
+        assert [box.value for box in got] == [3, 6]
+        assert all(type(box) is module.Box for box in got)  # the caller's own class again
+    finally:
+        sys.modules.pop(module.__name__, None)
+
+
+def test_the_import_system_is_asked_which_modules_a_worker_can_import(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "on_path_mod.py").write_text("X = 1\n")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "on_path_mod.py").write_text("X = 2\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import on_path_mod  # type: ignore[import-not-found]
+
+    try:
+        assert not_importable(["json", "on_path_mod", "os.path"]) == []
+        # the same name from another file: a worker would import the other one
+        spec = importlib.util.spec_from_file_location(
+            "on_path_mod", tmp_path / "other" / "on_path_mod.py"
+        )
+        assert spec is not None and spec.loader is not None
+        shadow = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, "on_path_mod", shadow)
+        assert not_importable(["on_path_mod"]) == ["on_path_mod"]
+    finally:
+        sys.modules.pop("on_path_mod", None)
+        del on_path_mod
+
+
+BROKEN_IN_WORKERS = """
+import os
+if os.getpid() != int(os.environ["CALLER_PID"]):
+    raise ImportError("only the caller can import this")
+
+def double(x):
+    return 2 * x
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_function_a_worker_cannot_load_is_named_as_such(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "caller_only.py").write_text(BROKEN_IN_WORKERS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("CALLER_PID", str(os.getpid()))
+    import caller_only  # type: ignore[import-not-found]
+
+    try:
+        with pytest.raises(mt.WorkerStartError, match="function could not be loaded") as caught:
+            mt.map(caller_only.double, [1, 2], workers=1)
+        assert "initializer" not in str(caught.value)
+        assert "only the caller can import this" in str(caught.value)
+    finally:
+        sys.modules.pop("caller_only", None)

@@ -65,7 +65,8 @@ def ship(
     """Everything a worker needs for one call, pickled once. Raises ``TypeError`` (naming the
     argument) when ``fn`` or the initializer cannot be pickled."""
     try:
-        payload = _wire.by_value((initializer, initargs, fn))
+        call = (initializer, initargs, fn)
+        payload = _wire.foreign_by_value(call, _wire.by_value(call))
     except Exception:
         for name, obj in (("fn", fn), ("initializer", initializer), ("initargs", initargs)):
             try:

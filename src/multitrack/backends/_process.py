@@ -481,7 +481,9 @@ def _dump_function(fn: Any, argument: str, *, main: bool = False) -> bytes:
     """Pickle what workers need to call. Plain pickle when it can (an importable function
     travels by name, and the worker need not import cloudpickle: ~30 ms of its start-up)."""
     try:
-        return _wire.dumps(fn, main=main)
+        data = _wire.dumps(fn, main=main)
+        # A fork of the caller has every module the caller has; a fresh worker imports by name.
+        return data if main else _wire.foreign_by_value(fn, data)
     except Exception as exc:
         raise TypeError(
             f"{argument}={fn!r:.200} cannot be sent to worker processes: "

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import io
 import pickle
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from multitrack.backends._channel import in_band
@@ -47,18 +48,49 @@ def dumps(
     return data
 
 
-def by_value(obj: Any, out_of_band: list[pickle.PickleBuffer] | None = None) -> bytes:
-    """cloudpickle: functions and classes of ``__main__``, lambdas and closures by value.
-    Imported on first need; a worker that never sees such a value never pays for it."""
+def by_value(
+    obj: Any,
+    out_of_band: list[pickle.PickleBuffer] | None = None,
+    *,
+    modules: Sequence[str] = (),
+) -> bytes:
+    """cloudpickle: functions and classes of ``__main__``, lambdas and closures by value, and
+    those of the imported ``modules`` too. Imported on first need; a worker that never sees
+    such a value never pays for it."""
+    import cloudpickle
+
     from multitrack.backends._source import pickler_class
 
     if out_of_band is not None:
         out_of_band.clear()  # a failed first attempt may have collected some
-    # cloudpickle's Pickler, keeping the code's file name and the source a worker cannot
-    # read for itself, for its tracebacks (``_source``)
-    file = io.BytesIO()
-    pickler_class()(file, PROTOCOL, buffer_callback=_collector(out_of_band)).dump(obj)
+    # The user's own registrations stay as they are.
+    ours = [
+        sys.modules[name]
+        for name in modules
+        if name in sys.modules and name not in cloudpickle.list_registry_pickle_by_value()
+    ]
+    for module in ours:
+        cloudpickle.register_pickle_by_value(module)
+    try:
+        # cloudpickle's Pickler, keeping the code's file name and the source a worker cannot
+        # read for itself, for its tracebacks (``_source``)
+        file = io.BytesIO()
+        pickler_class()(file, PROTOCOL, buffer_callback=_collector(out_of_band)).dump(obj)
+    finally:
+        for module in ours:
+            cloudpickle.unregister_pickle_by_value(module)
     return file.getvalue()
+
+
+def foreign_by_value(obj: Any, data: bytes) -> bytes:
+    """``data``, the pickle of what workers call, or ``obj`` pickled again by value when
+    ``data`` names a module that a fresh worker cannot import by name (one loaded from a
+    file path, or made at run time: ``_importable``). The caller's side only."""
+    from multitrack.backends._importable import not_importable
+    from multitrack.backends._zygote import modules_needed
+
+    foreign = not_importable(modules_needed(data))
+    return by_value(obj, modules=foreign) if foreign else data
 
 
 def _collector(

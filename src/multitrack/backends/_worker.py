@@ -196,6 +196,10 @@ class Worker:
         sys.argv[:] = argv
         try:
             initializer, initargs, self.fn = _wire.loads(payload)
+        except BaseException as exc:  # the function (or initializer) cannot be loaded here
+            self.send((P.FN_ERROR, _wire.pack_error(exc)))
+            return False
+        try:
             if initializer is not None:
                 self.run_initializer(initializer, initargs)
         except BaseException as exc:

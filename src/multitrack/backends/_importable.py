@@ -1,0 +1,86 @@
+"""Which of the caller's modules a fresh worker can import by name (the caller's side only).
+
+A function pickles by reference, ``(module, name)``, and a worker of the default start (a
+fork of the zygote, a fresh interpreter) imports that module to find it. That fails for a
+module the caller did not get from its ``sys.path``::
+
+    importlib.util.spec_from_file_location("cfg", "/configs/cfg.py")  # a config file, a plugin
+    types.ModuleType("generated"); exec(code, generated.__dict__)   # code made at run time
+
+(mmengine's ``Config`` loads Python config files the first way; so do plugin loaders, and
+pytest with ``--import-mode=importlib``.) A fork of the caller has those modules, so
+``start_method="fork"`` and mmengine's workers never noticed; a fresh worker said "No module
+named 'cfg'" and the call failed. So before a call's function is sent, each module its pickle
+names is looked up as a fresh interpreter would look it up (``sys.meta_path``'s finders, on
+the caller's ``sys.path``, which workers get); one that is not found, or found as another
+file, sends the function by value instead, as a script's functions are sent.
+
+A verdict is kept per module object: a program makes it once per module, not once per call.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterable
+from types import ModuleType
+
+_verdicts: dict[str, tuple[int, bool]] = {}  # module name -> (id of the module, importable)
+
+
+def not_importable(names: Iterable[str]) -> list[str]:
+    """Of the imported modules ``names``, those a fresh worker could not import by name.
+
+    Example:
+        >>> import json, types, sys
+        >>> sys.modules["made_up"] = types.ModuleType("made_up")
+        >>> not_importable(["json", "made_up"])
+        ['made_up']
+        >>> del sys.modules["made_up"]
+    """
+    return [name for name in names if name in sys.modules and not _importable(name)]
+
+
+def _importable(name: str) -> bool:
+    module = sys.modules.get(name)
+    if module is None:
+        return False
+    known = _verdicts.get(name)
+    if known is not None and known[0] == id(module):
+        return known[1]
+    verdict = _found_where_it_was(name, module)
+    _verdicts[name] = (id(module), verdict)
+    return verdict
+
+
+def _found_where_it_was(name: str, module: ModuleType) -> bool:
+    """Whether the import system, asked afresh, finds ``name`` where ``module`` came from."""
+    spec = getattr(module, "__spec__", None)
+    if spec is None:  # made at run time (types.ModuleType): nothing to find it by
+        return False
+    parent, _, _ = name.rpartition(".")
+    path = None
+    if parent:
+        if not _importable(parent):
+            return False
+        path = getattr(sys.modules[parent], "__path__", None)
+    for finder in sys.meta_path:
+        find_spec = getattr(finder, "find_spec", None)
+        if find_spec is None:
+            continue
+        try:
+            found = find_spec(name, path)
+        except Exception:  # a finder that cannot answer for this name: ask the next
+            continue
+        if found is not None:
+            return _same_file(found.origin, spec.origin)
+    return False
+
+
+def _same_file(found: str | None, origin: str | None) -> bool:
+    if found is None or origin is None or not os.path.isabs(origin):
+        return True  # a namespace package, a builtin or frozen module: nothing to compare
+    try:
+        return os.path.samefile(found, origin)
+    except OSError:
+        return os.path.realpath(found) == os.path.realpath(origin)
