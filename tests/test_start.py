@@ -624,3 +624,38 @@ def test_a_function_a_worker_cannot_load_is_named_as_such(
         assert "only the caller can import this" in str(caught.value)
     finally:
         sys.modules.pop("caller_only", None)
+
+
+SLOW_IMPORT = """
+import os, time
+if os.getpid() != int(os.environ["CALLER_PID"]):  # a model loaded at import, say
+    time.sleep(1.5)
+    with open(os.environ["IMPORTS_LOG"], "a") as log:
+        log.write("imported\\n")
+
+def double(x):
+    return 2 * x
+"""
+
+
+@needs_fork
+@pytest.mark.timeout(60)
+def test_a_module_slow_to_import_is_waited_for_and_imported_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The zygote's import outlasts many polls: it is waited for, not given up on (which would
+    # make each worker a fresh interpreter importing it again).
+    monkeypatch.setattr(_zygote, "REPLY_POLL", 0.1)
+    (tmp_path / "slow_import.py").write_text(SLOW_IMPORT)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("CALLER_PID", str(os.getpid()))
+    monkeypatch.setenv("IMPORTS_LOG", str(tmp_path / "imports.log"))
+    monkeypatch.setenv("A_ZYGOTE_OF_ITS_OWN", "slow")
+    import slow_import  # type: ignore[import-not-found]
+
+    try:
+        assert mt.map(slow_import.double, [1, 2, 3], workers=2) == [2, 4, 6]
+        assert latest_zygote().usable
+        assert (tmp_path / "imports.log").read_text() == "imported\n"  # in the zygote only
+    finally:
+        sys.modules.pop("slow_import", None)

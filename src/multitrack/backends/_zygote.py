@@ -69,7 +69,7 @@ from typing import IO, Any
 from multitrack.backends._watch import wait_readable
 from multitrack.backends._zygote_server import MAX_MESSAGE
 
-REPLY_TIMEOUT = 60.0  # for a fork: the zygote may be importing a heavy module first
+REPLY_POLL = 1.0  # seconds between checks that a zygote still importing is alive
 CLOSE_WAIT = 0.1  # seconds a closed zygote gets to exit before it is left to exit on its own
 # A zygote that is gone cannot tell its workers' exit statuses: this stands in (not negative:
 # that would name a signal).
@@ -137,20 +137,37 @@ class Zygote:
             self._awaited = token = next(self._tokens)
             if not self._send(("fork", token, os.getcwd()), fds):
                 return None
-            deadline = time.monotonic() + REPLY_TIMEOUT
+            # The reply comes once the zygote has imported what the call needs: a model
+            # loaded at import can take minutes, and a fresh worker's import is waited for
+            # as long as it takes, so the zygote's is too (giving up would make every worker
+            # of every call import it again). The bound is the zygote's life: its death is
+            # EOF on the socket (or, checked each REPLY_POLL, its exit); Ctrl-C interrupts.
             try:
-                while self.usable and (left := deadline - time.monotonic()) > 0:
-                    for kind, _, pid in self._receive(left):
+                while self.usable:
+                    for kind, _, pid in self._receive(REPLY_POLL):
                         if kind == "forked":
                             self._children.add(pid)
                             return int(pid)
                         self.unsafe = kind == "unsafe"  # else "failed": fork() itself failed
                         self.close()
                         return None
+                    if self.process.poll() is not None:
+                        break
             finally:  # a reply that comes later (after Ctrl-C, say) is for nobody
                 self._awaited = -1
-            self.close()
+            self._abandon()
             return None
+
+    def _abandon(self) -> None:
+        """A fork request went unanswered (the zygote died): the caller now starts that
+        worker otherwise, on the same descriptors, so the zygote must never act on the
+        request later (two processes on one socket corrupt its stream): it is killed, if it
+        still lives. Its workers live on. (A zygote that dies between its fork and its reply
+        leaves a worker on those descriptors: a window of microseconds, not closed here.)"""
+        self.close()
+        if self.process.poll() is None:
+            self.process.kill()
+            _reap_later(self.process)
 
     def exit_code(self, pid: int) -> int | None:
         """``pid``'s exit status once known (``Popen.returncode``'s convention), or ``None``."""
@@ -249,8 +266,9 @@ def _for_env(env: Mapping[str, str]) -> Zygote | None:
     while len(_zygotes) >= MAX_ZYGOTES:  # the least recently used goes
         oldest = _zygotes.pop(next(iter(_zygotes)))
         oldest.retiring = True
-        if not oldest._children:
-            oldest.close()
+        with oldest._lock:  # not while a call in another thread awaits a fork from it
+            if not oldest._children:
+                oldest.close()
     try:
         _zygotes[key] = fresh = Zygote(env)
     except OSError:
