@@ -659,3 +659,18 @@ def test_a_module_slow_to_import_is_waited_for_and_imported_once(
         assert (tmp_path / "imports.log").read_text() == "imported\n"  # in the zygote only
     finally:
         sys.modules.pop("slow_import", None)
+
+
+@pytest.mark.timeout(60)
+def test_a_frozen_program_is_told_to_fork_instead_of_starting_itself_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # PyInstaller's sys.executable is the program: "sys.executable -c ..." would run it again.
+    monkeypatch.setattr(sys, "frozen", True, raising=False)
+    before = dict(_zygote._zygotes)
+    with pytest.raises(mt.WorkerStartError, match=r"frozen program.*start_method='fork'"):
+        mt.map(abs, [-1, -2], workers=2)
+    _start.prestart()
+    assert _zygote._zygotes == before  # nothing was started
+    if _platform.CAN_FORK:
+        assert mt.map(abs, [-1, -2], workers=2, start_method="fork") == [1, 2]

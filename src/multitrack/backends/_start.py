@@ -145,19 +145,17 @@ def start_worker(
     """Start a worker on the child ``ends`` by ``method``. ``parent_ends`` are the parent's
     descriptors a fork of the caller must close; ``limits`` its native thread caps. Raises
     ``OSError`` when no process can be started, ``WorkerStartError`` when ``method`` is
-    ``"fork"`` and the caller cannot be forked now."""
+    ``"fork"`` and the caller cannot be forked now, or ``"spawn"`` and no fresh interpreter
+    can start here (``refuse_spawn``)."""
     if method == "fork":
-        reason = refuse_fork()
-        if reason is not None:
-            from multitrack._errors import WorkerStartError
-
-            raise WorkerStartError(reason)
+        _refuse_if(refuse_fork())
         # A fork of the caller runs the worker's code: imported here, before the fork, it is
         # imported once, not in every child (1-2 ms of each worker's start). A zygote
         # imports it when it boots; the caller of the default start never needs it.
         from multitrack.backends import _worker  # noqa: F401
 
         return _fork(ends, parent_ends, limits)
+    _refuse_if(refuse_spawn())
     env = {**os.environ, **limits}
     if CAN_FORK:
         forked = _fork_zygote(ends, env)
@@ -189,7 +187,7 @@ def prestart() -> None:
     Example:
         >>> prestart()  # on Linux: a zygote boots in the background; elsewhere nothing
     """
-    if not CAN_FORK:
+    if not CAN_FORK or refuse_spawn() is not None:
         return
     try:
         if start_method() != "spawn":
@@ -201,9 +199,32 @@ def prestart() -> None:
     _zygote.for_env({**os.environ, **thread_limits(usable_cpus())})
 
 
+def refuse_spawn() -> str | None:
+    """Why workers cannot start as fresh interpreters here, or ``None``: a frozen program
+    (PyInstaller, cx_Freeze) or an embedding one (uWSGI) has no ``python`` to start, and
+    running ``sys.executable -c`` would start the program itself again."""
+    if getattr(sys, "frozen", False) or not sys.executable:
+        what = "a frozen program" if getattr(sys, "frozen", False) else "an embedded Python"
+        return (
+            f"workers cannot start as fresh interpreters in {what} (sys.executable="
+            f"{sys.executable!r} is not a Python to run): use start_method='fork' (Linux), "
+            "or backend='thread'"
+        )
+    return None
+
+
+def _refuse_if(reason: str | None) -> None:
+    if reason is not None:
+        from multitrack._errors import WorkerStartError
+
+        raise WorkerStartError(reason)
+
+
 def preload(payloads: Sequence[bytes], limits: dict[str, str]) -> None:
     """Before a call's workers start: the zygote they will be forked from (started now, if
-    needed, so that it boots while the caller goes on) imports what ``payloads`` need."""
+    needed, so that it boots while the caller goes on) imports what ``payloads`` need.
+    Raises ``WorkerStartError`` where no fresh interpreter can start (``refuse_spawn``)."""
+    _refuse_if(refuse_spawn())
     if not CAN_FORK:
         return
     from multitrack.backends import _zygote
