@@ -231,6 +231,10 @@ def test_the_first_use_of_a_call_starts_its_zygote_and_an_import_does_not(
         "import os\n", "import os\nos.environ['MULTITRACK_START_METHOD'] = 'fork'\n"
     )
     assert run_script(tmp_path, forked).split() == ["[]", "True", "0"]
+    # A call that turns out to need no zygote closes the one started ahead of it.
+    threads = PRESTART.replace("mt.map(abs, [-1, -2])", "mt.map(abs, [-1, -2], backend='thread')")
+    threads = threads.replace("reached == zygotes()", "zygotes() == []")
+    assert run_script(tmp_path, threads).split() == ["[]", "True", "1"]
 
 
 THREADED = """

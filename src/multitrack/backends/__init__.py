@@ -45,6 +45,10 @@ def create(
     ``address``/``client`` (dask, ray only) name the cluster to attach to; ``fit_cluster``:
     ``workers`` was not given, so on a cluster we attach to, use all of its CPUs;
     ``memory_limit`` (process only): bytes per worker, or ``"auto"`` (sampled, not limited)."""
+    if name != "process" or start_method == "fork":
+        from multitrack.backends import _start
+
+        _start.drop_prestarted()  # a zygote started ahead, which this call has no use for
     options: dict[str, Any] = {
         "initializer": initializer,
         "initargs": initargs,

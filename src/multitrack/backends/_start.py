@@ -196,7 +196,17 @@ def prestart() -> None:
         return
     from multitrack.backends import _zygote
 
-    _zygote.for_env({**os.environ, **thread_limits(usable_cpus())})
+    _zygote.prestart({**os.environ, **thread_limits(usable_cpus())})
+
+
+def drop_prestarted() -> None:
+    """Close a zygote that ``prestart`` started and no call has used yet: the call that was
+    coming runs on another backend (threads, a cluster) or forks the caller, and no
+    process of multitrack's should outlive it for nothing."""
+    if "multitrack.backends._zygote" in sys.modules:
+        from multitrack.backends import _zygote
+
+        _zygote.drop_prestarted()
 
 
 def refuse_spawn() -> str | None:

@@ -250,10 +250,34 @@ def for_env(env: Mapping[str, str]) -> Zygote | None:
     """The zygote for workers with environment ``env``, started if needed; ``None`` when one
     for ``env`` failed (workers then start as fresh interpreters)."""
     with _registry_lock:
-        return _for_env(env)
+        found = _for_env(env)
+        if found is not None:
+            _prestarted.discard(found)  # used now
+        return found
+
+
+def prestart(env: Mapping[str, str]) -> None:
+    """Start the zygote for ``env`` ahead of a call, if there is none (``_start.prestart``)."""
+    with _registry_lock:
+        if tuple(sorted(env.items())) not in _zygotes:
+            started = _for_env(env)
+            if started is not None:
+                _prestarted.add(started)
+
+
+def drop_prestarted() -> None:
+    """Close the zygotes started ahead that no call has used."""
+    with _registry_lock:
+        for unused in _prestarted:
+            for key, each in list(_zygotes.items()):
+                if each is unused:
+                    del _zygotes[key]
+            unused.close()
+        _prestarted.clear()
 
 
 _registry_lock = threading.Lock()
+_prestarted: set[Zygote] = set()  # started ahead of a call, not used by one yet
 
 
 def _for_env(env: Mapping[str, str]) -> Zygote | None:
@@ -285,6 +309,7 @@ def _forget_after_fork() -> None:  # pragma: no cover - runs in forked children
         except OSError:
             pass
     _zygotes.clear()
+    _prestarted.clear()
 
 
 os.register_at_fork(after_in_child=_forget_after_fork)
@@ -299,6 +324,7 @@ def _close_at_exit() -> None:
         if not each._children:
             each.close()
     _zygotes.clear()
+    _prestarted.clear()
     for process in _closed:
         if process.poll() is None:
             process.kill()
