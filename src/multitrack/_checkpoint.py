@@ -45,7 +45,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import pathlib
 import pickle
 import socket
 import sqlite3
@@ -127,6 +126,7 @@ class Journal:
         self.max_pending = max_pending
         self._lock_fd: int | None = lock_fd
         self._conn: sqlite3.Connection | None = None
+        self._reader: sqlite3.Connection | None = None  # holds the WAL open: _keep_wal_on_close
         self._pending: list[Span] = []
         self._pending_tasks = 0
         self._pending_bytes = 0
@@ -199,7 +199,9 @@ class Journal:
 
     def _connect(self, function: tuple[str, bytes], on_change: str) -> None:
         _create_or_check_writable(self.path)
-        meta = _inspect(self.path)  # read-only: a damaged file is refused untouched
+        # Read-only: a damaged file is refused untouched. The connection stays open until
+        # close (see _keep_wal_on_close).
+        self._reader, meta = _inspect(self.path)
         try:
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as exc:
@@ -213,7 +215,6 @@ class Journal:
             mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if mode != "wal":
                 raise self._error(f"cannot use SQLite's WAL mode here (got {mode!r})")
-            _keep_wal_on_close(conn)
             if meta is None:
                 conn.executescript(
                     f"BEGIN; {SCHEMA} PRAGMA application_id={APPLICATION_ID}; "
@@ -223,6 +224,7 @@ class Journal:
                 meta = {}
             else:
                 self._index()
+            _keep_wal_on_close(conn, self._reader)
             self._apply_function(meta, function, on_change)
         except sqlite3.Error as exc:
             raise self._storage_error(exc, "while opening it") from exc
@@ -498,9 +500,14 @@ class Journal:
     def _release(self) -> None:
         _open_journals.discard(self)
         conn, self._conn = self._conn, None
+        reader, self._reader = self._reader, None
         try:
-            if conn is not None:
-                conn.close()
+            try:
+                if conn is not None:
+                    conn.close()  # the writer first: the reader keeps the WAL (see below)
+            finally:
+                if reader is not None:
+                    reader.close()
         finally:
             fd, self._lock_fd = self._lock_fd, None
             if fd is not None:
@@ -639,21 +646,22 @@ def _create_or_check_writable(path: str) -> None:
     os.close(fd)
 
 
-def _inspect(path: str) -> dict[str, Any] | None:
-    """The meta table of an existing journal, read through a read-only connection so that a
-    file that turns out damaged, of another version or foreign is left exactly as it was.
-    ``None``: an empty file."""
-    uri = pathlib.Path(path).as_uri() + "?mode=ro"
+def _inspect(path: str) -> tuple[sqlite3.Connection, dict[str, Any] | None]:
+    """A read-only connection to the journal, and its meta table (``None``: an empty file).
+    Read through a read-only connection so that a file that turns out damaged, of another
+    version or foreign is left exactly as it was; the connection is closed when it is
+    refused, else the caller keeps it (``_keep_wal_on_close``)."""
+    uri = "file:" + _uri_path(path) + "?mode=ro"
     try:
-        conn = sqlite3.connect(uri, uri=True)
+        conn = sqlite3.connect(uri, uri=True, check_same_thread=False)
     except sqlite3.Error as exc:
         raise CheckpointError(f"checkpoint {path} cannot be opened ({exc})", path=path) from exc
     try:
-        app = conn.execute("PRAGMA application_id").fetchone()[0]
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        app = conn.execute("PRAGMA application_id").fetchall()[0][0]
+        version = conn.execute("PRAGMA user_version").fetchall()[0][0]
         tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
         if app == 0 and not tables:
-            return None
+            return conn, None
         if app != APPLICATION_ID:
             raise CheckpointError(
                 f"checkpoint {path} is a SQLite database but not a multitrack journal; it was "
@@ -662,17 +670,24 @@ def _inspect(path: str) -> dict[str, Any] | None:
             )
         if version != SCHEMA_VERSION:
             raise CheckpointError(_other_version(path, version), path=path)
-        conn.execute("SELECT count(*) FROM spans").fetchone()  # reads its pages: damaged?
-        conn.execute("SELECT count(*) FROM tasks").fetchone()
-        return dict(conn.execute("SELECT name, value FROM meta").fetchall())
-    except sqlite3.DatabaseError as exc:
-        raise CheckpointError(
-            f"checkpoint {path} is damaged or not a SQLite database ({exc}); it was left as it "
-            "is: move it away, or pass another path",
-            path=path,
-        ) from exc
-    finally:
+        conn.execute("SELECT count(*) FROM spans").fetchall()  # reads its pages: damaged?
+        conn.execute("SELECT count(*) FROM tasks").fetchall()
+        return conn, dict(conn.execute("SELECT name, value FROM meta").fetchall())
+    except BaseException as exc:
         conn.close()
+        if isinstance(exc, sqlite3.DatabaseError):
+            raise CheckpointError(
+                f"checkpoint {path} is damaged or not a SQLite database ({exc}); it was left "
+                "as it is: move it away, or pass another path",
+                path=path,
+            ) from exc
+        raise
+
+
+def _uri_path(path: str) -> str:
+    """``path`` for a ``file:`` URI: SQLite decodes ``%HH``, and ``?`` and ``#`` end the
+    path (pathlib's ``as_uri`` would do, at 4 ms of imports on a first call)."""
+    return "".join(f"%{ord(c):02x}" if c in "%?#" else c for c in path)
 
 
 def _other_version(path: str, version: int) -> str:
@@ -691,13 +706,22 @@ def _other_version(path: str, version: int) -> str:
     )
 
 
-def _keep_wal_on_close(conn: sqlite3.Connection) -> None:
-    """Python 3.12+: closing leaves the WAL as it is instead of copying it into the database
-    (a checkpoint: two fsyncs, 5-20 ms at the end of every call here). The next open reads
-    it, and SQLite checkpoints by itself once it holds 1,000 pages."""
+def _keep_wal_on_close(writer: sqlite3.Connection, reader: sqlite3.Connection | None) -> None:
+    """Closing leaves the WAL as it is instead of copying it into the database: that copy
+    (a checkpoint on close) costs two fsyncs, 5-20 ms at the end of every call. The next open
+    reads the WAL, and SQLite checkpoints by itself once it holds 1,000 pages; a commit is as
+    safe in the WAL as in the database (``synchronous=NORMAL`` syncs neither).
+
+    Python 3.12+ says so with ``SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE``. Earlier versions cannot,
+    so the journal keeps its read-only ``reader`` open, reading the database in WAL mode
+    (which holds a shared lock on it until closed), and closes it after the writer: the
+    writer is then not the last connection, and a last connection that is read-only cannot
+    checkpoint (SQLite's wal.c returns ``SQLITE_READONLY``), so neither copies anything."""
     option = getattr(sqlite3, "SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE", None)
     if option is not None:
-        conn.setconfig(option, True)  # type: ignore[attr-defined]
+        writer.setconfig(option, True)  # type: ignore[attr-defined]
+    if reader is not None:
+        reader.execute("SELECT count(*) FROM sqlite_master").fetchall()  # now in WAL mode
 
 
 def _fsync(path: str) -> None:

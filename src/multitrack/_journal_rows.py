@@ -36,7 +36,6 @@ else (paths, numpy arrays, a user's class) is keyed when stored.
 from __future__ import annotations
 
 import array
-import hashlib
 import io
 import os
 import pickle
@@ -44,6 +43,11 @@ import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+try:  # hashlib's own blake2b, without loading OpenSSL (3 ms on a first call) for nothing
+    from _blake2 import blake2b
+except ImportError:  # pragma: no cover - a Python built without it
+    from hashlib import blake2b
 
 from multitrack._keys import Occurrences, index_key, task_key
 
@@ -307,7 +311,7 @@ def write_file(folder: str, name: str, payload: bytes) -> tuple[str, int, bytes]
         except OSError:
             pass
         raise
-    return name, len(payload), hashlib.blake2b(payload, digest_size=16).digest()
+    return name, len(payload), blake2b(payload, digest_size=16).digest()
 
 
 def read_file(folder: str, name: str, size: int, digest: bytes) -> bytes | None:
@@ -317,7 +321,7 @@ def read_file(folder: str, name: str, size: int, digest: bytes) -> bytes | None:
             data = file.read(size + 1)
     except OSError:
         return None
-    if len(data) != size or hashlib.blake2b(data, digest_size=16).digest() != digest:
+    if len(data) != size or blake2b(data, digest_size=16).digest() != digest:
         return None
     return data
 

@@ -159,8 +159,8 @@ class Run:
         outcome: Literal["done", "error", "interrupted"] = "error"
         try:
             self.stuck.install()
-            self._open_journal()
             self.backend.begin(self.fn, self._output, timed=self.policy.timeout is not None)
+            self._open_journal()  # while the workers start (its imports and open: ~10 ms)
             while True:
                 # Release, then fill, then wait. Releasing first reopens intake that the
                 # ordered window (max_ahead) had paused; filling before the check below is
