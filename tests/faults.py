@@ -316,10 +316,3 @@ def three_kinds_of_failure(x: int) -> int:
     if x and x % 97 == 0:
         raise ValueError(f"{x} is a multiple of 97")
     return x
-
-
-def unfinished_line(x: int) -> int:
-    """Write text without a newline: it stays in the worker's line-buffered stdout until a
-    flush (a pool's close kills forked workers that hold nothing: it must be out by then)."""
-    sys.stdout.write(f"no newline {x}")
-    return x

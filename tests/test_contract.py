@@ -213,15 +213,6 @@ def test_worker_output_reaches_the_caller(backend: str, capfd: pytest.CaptureFix
         assert f"worker warns {i}\n" in err
 
 
-@pytest.mark.usefixtures("each_start_method")
-def test_a_last_line_without_newline_reaches_the_caller(capfd: pytest.CaptureFixture[str]) -> None:
-    # Idle forked workers are killed at the end of a call, not told to stop: what a task left
-    # in the worker's stdout buffer must have been written out with its result.
-    assert mt.map(faults.unfinished_line, [7], workers=1) == [7]
-    out, _ = capfd.readouterr()
-    assert "no newline 7" in out
-
-
 def test_max_tasks_per_worker_replaces_workers() -> None:
     pids = mt.map(faults.pid_of, range(12), workers=2, max_tasks_per_worker=3)
     assert len(set(pids)) >= 4

@@ -198,18 +198,10 @@ class ProcessBackend(PooledBackend):
         _live_backends.discard(self)
         self._active = False
         procs = list(self._procs.values())
-        # A forked worker that holds no chunk runs no code of the caller's and has nothing to
-        # write (it flushes its output before each chunk's last results): it is killed at
-        # once, with its group, instead of being told to stop and scheduled to exit on its
-        # own (STOP took 1 ms to send and 1-2 ms more to be acted on, docs/cpu.md). A fresh
-        # interpreter is told to stop: it exits through its own shutdown (atexit, finalizers).
-        stopping = [p for p in procs if not kill and (p.chunks or not p.forked)]
-        for proc in procs:
-            if proc in stopping:
+        if not kill:
+            for proc in procs:
                 proc.send((P.STOP,))
-            else:
-                proc.kill()
-        _wait_for_exits(procs, time.monotonic() + EXIT_GRACE)
+            _wait_for_exits(procs, time.monotonic() + EXIT_GRACE)
         for proc in procs:
             proc.kill()
             self._collect(proc, report=False)

@@ -305,10 +305,6 @@ class Worker:
             _run_in_blocks(fn, tasks, first, self.chunk_end, values, errors, ints)
         with self.claim:
             self.running = IDLE
-        # What the tasks printed goes into the pipes before their results go out: the parent
-        # may kill a worker that holds no chunk (``ProcessBackend.close``), and a line still
-        # in this process's buffers would be lost with it.
-        _flush_std_streams()
         with self.reporting:
             self.report = None
             self.send_report(report, last=True)
@@ -411,17 +407,6 @@ def _rebind(fn: types.FunctionType, namespace: dict[str, Any]) -> types.Function
         if hasattr(fn, name):
             setattr(new, name, getattr(fn, name))
     return new
-
-
-def _flush_std_streams() -> None:
-    """Write out what ``sys.stdout`` and ``sys.stderr`` hold (nothing, mostly: no system call
-    then); a task that replaced or closed them is not this worker's concern."""
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            if stream is not None:
-                stream.flush()
-        except Exception:
-            pass
 
 
 def _first_to_go_when_memory_runs_out() -> None:
