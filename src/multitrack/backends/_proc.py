@@ -196,7 +196,12 @@ class WorkerHandle:
             try:
                 os.killpg(self.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
-                pass
+                # A fork that has not made its own session yet (just started) has no group
+                # of its own; the pid is still ours (not reaped), so it names that process.
+                try:
+                    os.kill(self.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
 
     # -- receiving --------------------------------------------------------------------------
 

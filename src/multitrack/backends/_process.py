@@ -420,7 +420,10 @@ class ProcessBackend(PooledBackend):
             self._watch,
             stacks=stacks_read,
             boot_deadline=time.monotonic() + BOOT_TIMEOUT,
-            forked=is_fork(popen),
+            # A fork of the caller is known to be one without asking ``is_fork``, which
+            # imports ``_zygote`` (and pickletools): 2-3 ms between the first worker's fork
+            # and the second's, measured on a 2-task call with start_method="fork".
+            forked=self._start_method == "fork" or is_fork(popen),
         )
         self._next_key += 1
         self._procs[proc.key] = proc

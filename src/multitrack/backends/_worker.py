@@ -121,6 +121,10 @@ class Worker:
         # crash loses little. ``reporting`` orders the reports (the ticker's and the last).
         self.reporting = threading.Lock()
         self.report: _Report | None = None
+        # The ticker starts with the first chunk of more than one task: a chunk of one task
+        # has nothing to report early, and a call of a few such chunks (a short call, the
+        # first chunks of every call) then pays for no second thread at start-up.
+        self.ticking = False
 
     def send(self, message: tuple[Any, ...], buffers: list[Any] | None = None) -> None:
         data = _wire.dumps(message)
@@ -176,7 +180,6 @@ class Worker:
         # wait took 1-4 ms of every worker's start-up (these threads are never joined; the
         # process ends with ``os._exit`` or at interpreter exit, which stops them).
         _thread.start_new_thread(_read, (self,))
-        _thread.start_new_thread(self.tick, ())
         self.send((P.BOOTED, os.getpid()))
         while True:
             message, buffers = self.inbox.get()
@@ -278,6 +281,9 @@ class Worker:
         tasks = iter(calls)
         if not self._claim(chunk_id, tasks, first + len(calls)):
             return
+        if len(calls) > 1 and not self.ticking:
+            self.ticking = True
+            _thread.start_new_thread(self.tick, ())
         fn = self.fn
         assert fn is not None, "a chunk arrived before its function"
         clock, ints = time.monotonic, self.slot.ints
