@@ -139,7 +139,7 @@ def test_failures_inside_big_chunks_keep_every_other_result(backend: str, ordere
 @pytest.mark.timeout(20)
 def test_a_long_chunk_reports_what_it_finished_before_it_ends(tmp_path: Any) -> None:
     # Task 1 waits until the caller has seen task 0's result, which must therefore come back
-    # while its chunk still runs (else this waits 30 s and times out).
+    # while its chunk still runs (else task 1 gives up after 10 s and returns -1).
     import functools
 
     release = tmp_path / "release"

@@ -18,7 +18,7 @@ import pytest
 import faults
 import multitrack as mt
 from multitrack.backends import _platform, _start, _zygote
-from multitrack.backends._importable import not_importable
+from multitrack.backends._importable import modules_needed, not_importable
 from scripts import run_script
 
 
@@ -274,13 +274,13 @@ def test_the_modules_a_function_needs_are_read_from_its_pickle() -> None:
 
     from multitrack.backends import _wire
 
-    assert _zygote.modules_needed(pickle.dumps(json.dumps)) == ["json"]
+    assert modules_needed(pickle.dumps(json.dumps)) == ["json"]
 
     def by_value(x: object) -> str:  # a local function: cloudpickle carries it by value
         return json.dumps(x)
 
-    assert "json" in _zygote.modules_needed(_wire.dumps(by_value))
-    assert _zygote.modules_needed(b"not a pickle") == []
+    assert "json" in modules_needed(_wire.dumps(by_value))
+    assert modules_needed(b"not a pickle") == []
 
 
 @pytest.mark.usefixtures("each_start_method")

@@ -1,4 +1,6 @@
-"""Which of the caller's modules a fresh worker can import by name (the caller's side only).
+"""Which modules a pickle names, and which of them a fresh worker can import by name (the
+caller's side only: ``modules_needed`` tells the zygote what to import before it forks, and
+``not_importable`` which functions must travel by value).
 
 A function pickles by reference, ``(module, name)``, and a worker of the default start (a
 fork of the zygote, a fresh interpreter) imports that module to find it. That fails for a
@@ -26,6 +28,9 @@ from collections.abc import Iterable
 from types import ModuleType
 
 _verdicts: dict[str, tuple[int, bool]] = {}  # module name -> (id of the module, importable)
+# Past this size a payload is not read through for module names (a function that carries a
+# large table by value): its workers import what they need themselves.
+SCAN_LIMIT = 4 << 20
 
 
 def not_importable(names: Iterable[str]) -> list[str]:
@@ -84,3 +89,62 @@ def _same_file(found: str | None, origin: str | None) -> bool:
         return os.path.samefile(found, origin)
     except OSError:
         return os.path.realpath(found) == os.path.realpath(origin)
+
+
+def modules_needed(payload: bytes) -> list[str]:
+    """The modules a worker imports to unpickle ``payload``: those its globals live in, and
+    those cloudpickle rebuilds by name (``subimport``), as far as this process has them.
+
+    Example:
+        >>> import pickle, json
+        >>> modules_needed(pickle.dumps(json.dumps))
+        ['json']
+    """
+    if len(payload) > SCAN_LIMIT or b"\x93" not in payload:
+        return []  # too large to read through, or no global in it (STACK_GLOBAL: 0x93)
+    import pickletools  # 1-2 ms of imports: only for a payload that names globals
+
+    found: list[str] = []
+    strings: list[str] = []  # the strings pushed, in order (a global's module and name)
+    memo: dict[int, str | None] = {}  # what was memoized: a string, or _IMPORTER
+    last: str | None = None  # the string the last opcode pushed, if it pushed one
+    importing = False  # the last global was cloudpickle's subimport: a module name follows
+    try:
+        for opcode, arg, _ in pickletools.genops(payload):
+            name, pushed = opcode.name, None
+            if isinstance(arg, str) and "UNICODE" in name:
+                pushed = arg
+            elif name in ("BINGET", "LONG_BINGET", "GET"):
+                pushed = memo.get(arg if isinstance(arg, int) else -1)
+                if pushed is _IMPORTER:  # cloudpickle's subimport again, memoized
+                    pushed, importing = None, True
+            elif name == "MEMOIZE":
+                memo[len(memo)] = last
+            elif name in ("BINPUT", "LONG_BINPUT", "PUT"):
+                memo[arg if isinstance(arg, int) else -1] = last
+            elif name in ("GLOBAL", "STACK_GLOBAL"):
+                if name == "GLOBAL":
+                    module, qualname = str(arg).split(" ", 1)
+                else:
+                    module, qualname = strings[-2:] if len(strings) >= 2 else ("", "")
+                found.append(module)
+                importing = qualname in ("subimport", "import_module")
+                last = _IMPORTER if importing else None
+                continue
+            if pushed is not None:
+                if importing:
+                    found.append(pushed)
+                    importing = False
+                strings.append(pushed)
+            if name not in ("MEMOIZE", "BINPUT", "LONG_BINPUT", "PUT"):
+                last = pushed
+    except Exception:  # a payload we cannot read through: the worker imports on its own
+        pass
+    return [
+        name
+        for name in dict.fromkeys(found)
+        if name in sys.modules and name != "__main__" and not name.startswith("multitrack")
+    ]
+
+
+_IMPORTER = "\0import"  # stands for cloudpickle's subimport in modules_needed's memo

@@ -238,10 +238,11 @@ def preload(payloads: Sequence[bytes], limits: dict[str, str]) -> None:
     if not CAN_FORK:
         return
     from multitrack.backends import _zygote
+    from multitrack.backends._importable import modules_needed
 
     zygote = _zygote.for_env({**os.environ, **limits})
     if zygote is not None:
-        zygote.preload(name for payload in payloads for name in _zygote.modules_needed(payload))
+        zygote.preload(name for payload in payloads for name in modules_needed(payload))
 
 
 def _fork_zygote(ends: ChildEnds, env: dict[str, str]) -> WorkerProcess | None:

@@ -86,8 +86,7 @@ def foreign_by_value(obj: Any, data: bytes) -> bytes:
     """``data``, the pickle of what workers call, or ``obj`` pickled again by value when
     ``data`` names a module that a fresh worker cannot import by name (one loaded from a
     file path, or made at run time: ``_importable``). The caller's side only."""
-    from multitrack.backends._importable import not_importable
-    from multitrack.backends._zygote import modules_needed
+    from multitrack.backends._importable import modules_needed, not_importable
 
     foreign = not_importable(modules_needed(data))
     return by_value(obj, modules=foreign) if foreign else data

@@ -58,7 +58,6 @@ import atexit
 import itertools
 import os
 import pickle
-import pickletools
 import socket
 import sys
 import threading
@@ -74,9 +73,6 @@ CLOSE_WAIT = 0.1  # seconds a closed zygote gets to exit before it is left to ex
 # A zygote that is gone cannot tell its workers' exit statuses: this stands in (not negative:
 # that would name a signal).
 _DROPPED = 255
-# Past this size a payload is not read through for module names (a function that carries a
-# large table by value): its workers import what they need themselves.
-SCAN_LIMIT = 4 << 20
 # Zygotes kept at once, one per environment (pools of different sizes differ in their thread
 # caps, and a program may alternate between two): each holds what it preloaded.
 MAX_ZYGOTES = 2
@@ -361,63 +357,6 @@ class ZygoteProcess:
 
     def release(self) -> None:
         self._zygote.release(self.pid)
-
-
-def modules_needed(payload: bytes) -> list[str]:
-    """The modules a worker imports to unpickle ``payload``: those its globals live in, and
-    those cloudpickle rebuilds by name (``subimport``), as far as this process has them.
-
-    Example:
-        >>> import pickle, json
-        >>> modules_needed(pickle.dumps(json.dumps))
-        ['json']
-    """
-    if len(payload) > SCAN_LIMIT:
-        return []
-    found: list[str] = []
-    strings: list[str] = []  # the strings pushed, in order (a global's module and name)
-    memo: dict[int, str | None] = {}  # what was memoized: a string, or _IMPORTER
-    last: str | None = None  # the string the last opcode pushed, if it pushed one
-    importing = False  # the last global was cloudpickle's subimport: a module name follows
-    try:
-        for opcode, arg, _ in pickletools.genops(payload):
-            name, pushed = opcode.name, None
-            if isinstance(arg, str) and "UNICODE" in name:
-                pushed = arg
-            elif name in ("BINGET", "LONG_BINGET", "GET"):
-                pushed = memo.get(arg if isinstance(arg, int) else -1)
-                if pushed is _IMPORTER:  # cloudpickle's subimport again, memoized
-                    pushed, importing = None, True
-            elif name == "MEMOIZE":
-                memo[len(memo)] = last
-            elif name in ("BINPUT", "LONG_BINPUT", "PUT"):
-                memo[arg if isinstance(arg, int) else -1] = last
-            elif name in ("GLOBAL", "STACK_GLOBAL"):
-                if name == "GLOBAL":
-                    module, qualname = str(arg).split(" ", 1)
-                else:
-                    module, qualname = strings[-2:] if len(strings) >= 2 else ("", "")
-                found.append(module)
-                importing = qualname in ("subimport", "import_module")
-                last = _IMPORTER if importing else None
-                continue
-            if pushed is not None:
-                if importing:
-                    found.append(pushed)
-                    importing = False
-                strings.append(pushed)
-            if name not in ("MEMOIZE", "BINPUT", "LONG_BINPUT", "PUT"):
-                last = pushed
-    except Exception:  # a payload we cannot read through: the worker imports on its own
-        pass
-    return [
-        name
-        for name in dict.fromkeys(found)
-        if name in sys.modules and name != "__main__" and not name.startswith("multitrack")
-    ]
-
-
-_IMPORTER = "\0import"  # stands for cloudpickle's subimport in modules_needed's memo
 
 
 def _exists(pid: int) -> bool:
