@@ -160,10 +160,9 @@ class Zygote:
         request later (two processes on one socket corrupt its stream): it is killed, if it
         still lives. Its workers live on. (A zygote that dies between its fork and its reply
         leaves a worker on those descriptors: a window of microseconds, not closed here.)"""
-        self.close()
         if self.process.poll() is None:
-            self.process.kill()
-            _reap_later(self.process)
+            self.process.kill()  # first: close() then waits for an exit, not for an import
+        self.close()
 
     def exit_code(self, pid: int) -> int | None:
         """``pid``'s exit status once known (``Popen.returncode``'s convention), or ``None``."""
@@ -255,25 +254,30 @@ def for_env(env: Mapping[str, str]) -> Zygote | None:
 def prestart(env: Mapping[str, str]) -> None:
     """Start the zygote for ``env`` ahead of a call, if there is none (``_start.prestart``)."""
     with _registry_lock:
-        if tuple(sorted(env.items())) not in _zygotes:
+        if _prestart_wanted and tuple(sorted(env.items())) not in _zygotes:
             started = _for_env(env)
             if started is not None:
                 _prestarted.add(started)
 
 
 def drop_prestarted() -> None:
-    """Close the zygotes started ahead that no call has used."""
+    """Kill the zygotes started ahead that no call has used (still booting, most likely: a
+    close would wait for their imports), and start none ahead again: this program's calls
+    do not use one."""
+    global _prestart_wanted
     with _registry_lock:
+        _prestart_wanted = False
         for unused in _prestarted:
             for key, each in list(_zygotes.items()):
                 if each is unused:
                     del _zygotes[key]
-            unused.close()
+            unused._abandon()
         _prestarted.clear()
 
 
 _registry_lock = threading.Lock()
 _prestarted: set[Zygote] = set()  # started ahead of a call, not used by one yet
+_prestart_wanted = True  # False once a call had no use for the zygote started ahead of it
 
 
 def _for_env(env: Mapping[str, str]) -> Zygote | None:
