@@ -40,9 +40,10 @@ sizes); an older one exits once its last worker is released.
 
 **Lifetime.** A process's first use of a call (``multitrack.map`` and its siblings) starts the
 zygote for the default pool size (``_start.prestart``): it boots while the caller imports the
-scheduler and prepares the call, which hides about half of its start. ``import multitrack``
-alone starts nothing. The zygote exits when its control socket reaches EOF: when the caller exits or
-dies (even by SIGKILL) or closes it. It runs no task and holds no result.
+scheduler and prepares the call, which hides about half of its start; a call that turns out
+to need none (threads, a cluster, forks of the caller) kills it. ``import multitrack`` alone
+starts nothing. The zygote exits when its control socket reaches EOF: when the caller exits
+or dies (even by SIGKILL) or closes it. It runs no task and holds no result.
 
 The zygote's own loop is ``_zygote_server`` (it imports only what a worker needs).
 
@@ -290,9 +291,14 @@ def _for_env(env: Mapping[str, str]) -> Zygote | None:
     while len(_zygotes) >= MAX_ZYGOTES:  # the least recently used goes
         oldest = _zygotes.pop(next(iter(_zygotes)))
         oldest.retiring = True
-        with oldest._lock:  # not while a call in another thread awaits a fork from it
-            if not oldest._children:
-                oldest.close()
+        # Not while a call in another thread awaits a fork from it (that may take as long as
+        # an import): it closes itself once the worker it forks is released (``retiring``).
+        if oldest._lock.acquire(blocking=False):
+            try:
+                if not oldest._children:
+                    oldest.close()
+            finally:
+                oldest._lock.release()
     try:
         _zygotes[key] = fresh = Zygote(env)
     except OSError:
