@@ -63,7 +63,14 @@ def _found_where_it_was(name: str, module: ModuleType) -> bool:
     spec = getattr(module, "__spec__", None)
     if spec is None:  # made at run time (types.ModuleType): nothing to find it by
         return False
-    parent, _, _ = name.rpartition(".")
+    parent, _, last = name.rpartition(".")
+    if spec.name != name:  # an alias its parent sets up as it loads (os.path is posixpath)
+        return (
+            bool(parent)
+            and _importable(parent)
+            and getattr(sys.modules[parent], last, None) is module
+            and _importable(spec.name)
+        )
     path = None
     if parent:
         if not _importable(parent):
