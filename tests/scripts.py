@@ -10,15 +10,17 @@ from collections.abc import Iterable
 from pathlib import Path
 
 
-def run_script(tmp_path: Path, source: str, *, without_env: Iterable[str] = ()) -> str:
-    """Run ``source`` as ``job.py``, bars off and the variables ``without_env`` unset; its
-    stdout. It must exit 0 within 60 s."""
+def run_script(
+    tmp_path: Path, source: str, *, without_env: Iterable[str] = (), flags: Iterable[str] = ()
+) -> str:
+    """Run ``source`` as ``job.py`` by ``python *flags``, bars off and the variables
+    ``without_env`` unset; its stdout. It must exit 0 within 60 s."""
     script = tmp_path / "job.py"
     script.write_text(textwrap.dedent(source))
     env = {k: v for k, v in os.environ.items() if k not in set(without_env)}
     env["MULTITRACK_PROGRESS"] = "0"
     done = subprocess.run(
-        [sys.executable, str(script)],
+        [sys.executable, *flags, str(script)],
         capture_output=True,
         text=True,
         timeout=60,

@@ -489,6 +489,26 @@ def test_a_worker_sees_the_callers_argv(monkeypatch: pytest.MonkeyPatch) -> None
     assert mt.map(faults.sys_argv, [0], workers=1) == [["job.py", "--scale", "10"]]
 
 
+@pytest.mark.parametrize("start", ["spawn", "fork"])
+def test_a_worker_runs_with_the_callers_interpreter_options(tmp_path: Path, start: str) -> None:
+    # python -O job.py: its workers run optimized too, as multiprocessing's spawn passes it
+    out = run_script(
+        tmp_path,
+        f"""
+        import sys
+        import multitrack as mt
+
+        def options(_):
+            return sys.flags.optimize, sys.flags.utf8_mode, sys.warnoptions
+
+        print(mt.map(options, [0], workers=1, start_method={start!r}) == [options(0)],
+              options(0))
+        """,
+        flags=["-O", "-X", "utf8", "-W", "ignore::ResourceWarning"],
+    )
+    assert out.split(" ", 1) == ["True", "(1, 1, ['ignore::ResourceWarning'])\n"]
+
+
 @pytest.mark.timeout(60)
 def test_calls_in_several_threads_share_the_zygote_safely() -> None:
     failures: list[BaseException] = []

@@ -85,7 +85,7 @@ def test_sigusr1_to_the_caller_prints_what_runs_without_stopping_it(
     finally:
         timer.join()
     err = capfd.readouterr().err
-    assert "tasks running" in err and "task 1 (input 1): running" in err
+    assert "1 task running" in err and "task 1 (input 1): running" in err
     assert "in sleep_on" in err
     assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # given back
 

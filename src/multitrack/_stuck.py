@@ -126,7 +126,8 @@ class Stuck:
         """Every running task: its input, how long it has run, and its worker's stack."""
         now = self._clock()
         running = self._running(now)
-        lines = [f"multitrack: {len(running)} tasks running"]
+        noun = "task" if len(running) == 1 else "tasks"
+        lines = [f"multitrack: {len(running)} {noun} running"]
         for age, index, task, worker in running:
             lines.append(f"  {task_label(index, task)}: running {age:.1f} s")
             stack = self._backend.stack(worker)

@@ -7,7 +7,8 @@ Two semantics, chosen by ``start_method`` (the option, else ``MULTITRACK_START_M
                   └──"fork"───────────── fork of the caller                ~1 ms
 
 **"spawn": a worker is what a fresh interpreter started at the call would be**, on every path:
-the caller's ``sys.path`` in its order, its working directory and environment, its modules
+the caller's ``sys.path`` in its order, its interpreter's options (``-O``, ``-W``, ``-X``, as
+multiprocessing's spawn passes them), its working directory and environment, its modules
 imported anew (their state as import leaves it), the function pickled (a script's function by
 value, with the values of the globals it names). Whether numpy, OpenCV, torch or anything else
 started a thread in the caller changes nothing, and neither does the platform. On Linux the
@@ -268,11 +269,15 @@ def _fork_zygote(ends: ChildEnds, env: dict[str, str]) -> WorkerProcess | None:
 
 def boot_command(module: str, *fds: int) -> list[str]:
     """The command of a fresh interpreter that runs ``module.main()`` on ``fds``, with the
-    caller's ``sys.path`` (entries that are not strings are dropped, as imports ignore them)."""
+    caller's interpreter options and ``sys.path`` (entries that are not strings are dropped,
+    as imports ignore them)."""
     import marshal
+    import subprocess
 
     path = marshal.dumps([entry for entry in sys.path if isinstance(entry, str)]).hex()
-    return [sys.executable, "-c", _BOOT.format(module=module), *map(str, fds), path]
+    # -O, -B, -W, -X ... as the caller got them (what multiprocessing's spawn passes too)
+    flags = subprocess._args_from_interpreter_flags()  # type: ignore[attr-defined]
+    return [sys.executable, *flags, "-c", _BOOT.format(module=module), *map(str, fds), path]
 
 
 def is_fork(process: WorkerProcess) -> bool:
