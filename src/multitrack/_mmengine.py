@@ -126,11 +126,12 @@ def track_parallel_progress(
     Workers are forks of the caller, as mmengine's are on Linux (``start_method="fork"``,
     unlike ``multitrack.map``'s default): they see the caller's modules as they are at the
     call, and start without importing anything again, numpy's or OpenCV's threads or not.
-    The one case where that is unsafe differs from mmengine: while another *Python* thread
-    runs in the caller, a fork could copy a lock it holds, so workers start as fresh
-    interpreters instead (a warning names the threads), and see modules imported anew, not
-    as the caller changed them. With ``helper.py`` holding ``SCALE = 1``, a ``setup(s)``
-    that sets it and ``work(x)`` returning ``x * SCALE``::
+    The cases where that is unsafe differ from mmengine: while another *Python* thread runs
+    in the caller, a fork could copy a lock it holds, and after the caller ran a GNU OpenMP
+    parallel region (torch), a fork would hang in its own first one (mmengine's workers do);
+    then workers start as fresh interpreters instead (a warning says why), and see modules
+    imported anew, not as the caller changed them. With ``helper.py`` holding ``SCALE = 1``,
+    a ``setup(s)`` that sets it and ``work(x)`` returning ``x * SCALE``::
 
         helper.setup(10)
         track_parallel_progress(helper.work, [1, 2, 3], 2)  # [10, 20, 30], as mmengine
@@ -284,19 +285,27 @@ def _start_method(given: str | None) -> str | None:
     """The drop-in's start method: ``given``, else the environment's, else a fork of the
     caller (mmengine's semantics) when that is safe, else the default, said in a warning."""
     from multitrack.backends._platform import CAN_FORK
-    from multitrack.backends._start import START_METHOD_ENV, other_python_threads
+    from multitrack.backends._start import (
+        START_METHOD_ENV,
+        other_python_threads,
+        refuse_native_fork,
+    )
 
     if given is not None or os.environ.get(START_METHOD_ENV, "").strip() or not CAN_FORK:
         return given  # where fork is unsafe (macOS) mmengine's workers are spawned too
     threads = other_python_threads()
-    if not threads:
+    if threads:
+        why = f"other Python threads run ({', '.join(threads)})"
+    elif refuse_native_fork() is not None:
+        why = "it ran a GNU OpenMP parallel region (a fork of it would hang in its first)"
+    else:
         return "fork"
     import warnings
 
     warnings.warn(
-        f"track_parallel_progress: other Python threads run ({', '.join(threads)}), so "
-        "workers cannot be forks of this process as mmengine's are: they start as fresh "
-        "interpreters, and see modules imported anew (start_method='spawn')",
+        f"track_parallel_progress: {why}, so workers cannot be forks of this process as "
+        "mmengine's are: they start as fresh interpreters, and see modules imported anew "
+        "(start_method='spawn')",
         RuntimeWarning,
         stacklevel=3,
     )

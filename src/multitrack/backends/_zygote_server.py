@@ -7,7 +7,7 @@ time) and a pipe the SIGCHLD handler writes into (a worker exited)::
     control socket ── "preload" path argv names ──▶ import them (errors ignored: the worker
                   │                                  imports again and says what went wrong)
                   ├── "fork" token cwd + 5 fds ──▶ fork() a worker; reply "forked" token pid
-                  │                                 (or "unsafe": a thread, CUDA; "failed")
+                  │                                 (or "unsafe": a thread, CUDA, OpenMP; "failed")
                   └── "release" pid ─────────────▶ reap it once it has exited
     SIGCHLD ──▶ waitid(WNOWAIT) for each child ──▶ reply "exit" pid code (not reaped yet)
 
@@ -85,10 +85,14 @@ class _Server:  # pragma: no cover - runs in the zygote process
     def _fork(self, token: int, cwd: str, fds: list[int]) -> None:
         import threading
 
+        from multitrack.backends._native import openmp_threads
+
         if len(fds) != 5 or threading.active_count() > 1 or len(sys._current_frames()) > 1:
             self._reply(("unsafe", token, None))  # a preloaded module started a thread
         elif _cuda_in_use():
             self._reply(("unsafe", token, None))  # a fork could not use CUDA again
+        elif openmp_threads():
+            self._reply(("unsafe", token, None))  # a fork would hang in its first parallel region
         else:
             pid = _fork_worker(cwd, fds, closing=(self.control.fileno(), *self._wake_fds()))
             if pid is None:
