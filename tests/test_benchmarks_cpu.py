@@ -1,4 +1,4 @@
-"""``python -m benchmarks.cpu`` and ``python -m benchmarks.simulate``: the machinery that says
+"""``python -m benchmarks.cpu``, ``.simulate`` and ``.threadcost``: the machinery that says
 where the CPU goes, and how far one parent carries. No timing is asserted, only that each
 figure comes from where it should."""
 
@@ -16,7 +16,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import one, threads
+from benchmarks import one, threadcost, threads
 from benchmarks.cpu_figures import figures
 from benchmarks.pairing import Paired
 from benchmarks.runner import ROOT, Outcome
@@ -161,3 +161,21 @@ def test_the_simulated_pool_runs_the_real_scheduler_to_the_end() -> None:
     )
     one_by_one = simulate(4, 0.010, 100, chunksize=1, fds=False)
     assert one_by_one.chunks == 100 and one_by_one.simulated_s == pytest.approx(0.25)
+
+
+def test_the_thread_cost_probe_runs_its_helper_and_stops_it(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = threading.active_count()
+    woken: list[int] = []
+    real_wake = threadcost._wake
+
+    def counting(stop: threading.Event, wakeups: int) -> None:
+        woken.append(wakeups)
+        real_wake(stop, wakeups)
+
+    monkeypatch.setattr(threadcost, "_wake", counting)
+    assert threadcost.main(["--iterations", "20000", "--tasks", "3", "--rounds", "1"]) == 0
+    assert woken == list(threadcost.RATES)  # a helper for each rate, none for "alone"
+    assert threading.active_count() == before
+    assert "median over rounds: 20/s" in capsys.readouterr().out

@@ -100,10 +100,8 @@ def _inside(tid: int, code: list[tuple[int, int]]) -> bool | None:
     try:
         with open(f"/proc/self/task/{tid}/syscall") as file:
             fields = file.read().split()
-    except FileNotFoundError:  # it has exited
-        return False
-    except OSError:  # not readable here: it cannot be told
-        return True
+    except OSError:  # it has exited, or this kernel does not say: it cannot be told
+        return os.path.isdir(f"/proc/self/task/{tid}")
     if not fields or fields[0] == "running":
         return None
     try:
