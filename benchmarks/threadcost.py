@@ -15,6 +15,7 @@ helper, per round.
 from __future__ import annotations
 
 import argparse
+import random
 import statistics
 import threading
 import time
@@ -54,22 +55,28 @@ def _wake(stop: threading.Event, wakeups: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.threadcost")
     parser.add_argument("--iterations", type=int, default=400_000, help="per task (~20 ms)")
-    parser.add_argument("--tasks", type=int, default=60)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--tasks", type=int, default=10, help="per batch")
+    parser.add_argument("--rounds", type=int, default=30, help="a batch of each, shuffled")
     args = parser.parse_args(argv)
+    # The machine's speed drifts by tens of percent within a minute: each round runs a short
+    # batch of every variant, in a new order, and compares them within the round.
     ratios: dict[int, list[float]] = {rate: [] for rate in RATES}
-    for number in range(args.rounds):
-        alone = median_task_cpu(args.iterations, args.tasks)
-        row = []
+    alone: list[float] = []
+    for _ in range(args.rounds):
+        variants = [0, *RATES]
+        random.shuffle(variants)
+        cpu = {rate: median_task_cpu(args.iterations, args.tasks, rate) for rate in variants}
+        alone.append(cpu[0])
         for rate in RATES:
-            ratio = median_task_cpu(args.iterations, args.tasks, rate) / alone
-            ratios[rate].append(ratio)
-            row.append(f"{rate}/s {ratio:.3f}")
-        print(f"round {number}: alone {alone * 1e3:.2f} ms; with a helper waking " + ", ".join(row))
+            ratios[rate].append(cpu[rate] / cpu[0])
     print(
-        "median over rounds: "
-        + ", ".join(f"{rate}/s {statistics.median(r):.3f}" for rate, r in ratios.items())
+        f"{args.rounds} rounds of {args.tasks} tasks each; alone a task took "
+        f"{statistics.median(alone) * 1e3:.2f} ms of CPU ({min(alone) * 1e3:.2f}-"
+        f"{max(alone) * 1e3:.2f} over the rounds). With a helper thread waking, paired "
+        "median (range):"
     )
+    for rate, values in ratios.items():
+        print(f"  {rate}/s: {statistics.median(values):.3f} ({min(values):.3f}-{max(values):.3f})")
     return 0
 
 
