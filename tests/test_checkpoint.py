@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from multitrack import _checkpoint
 from multitrack._checkpoint import INLINE_LIMIT, SCHEMA_VERSION, Journal
 from multitrack._errors import CheckpointError, MultitrackError
 from multitrack._keys import task_key
@@ -97,6 +98,24 @@ def test_results_and_failures_come_back(tmp_path: Path) -> None:
         assert journal.reused_count == 1  # failures are not reused results
         assert [f.index for f in journal.failures()] == [3, 4]
         assert [s.index for s in journal] == [0, 1, 2, 3, 4]
+
+
+def test_a_journal_opened_again_and_again_keeps_its_wal_small(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each close leaves the WAL (no checkpoint on close), and the next open's recovery counts
+    # all of it as not yet copied, so SQLite never starts it over: every open added to it.
+    monkeypatch.setattr(_checkpoint, "WAL_LIMIT", 64 << 10)
+    path = tmp_path / "run.sqlite"
+    wal = tmp_path / "run.sqlite-wal"
+    sizes = []
+    for i in range(60):
+        with Journal.open(path, function=FN) as journal:
+            record(journal, key(i), 0, i, b"result %d" % i)
+        sizes.append(wal.stat().st_size if wal.exists() else 0)
+    assert max(sizes) < 2 * (64 << 10) + 32 * 4096, sizes  # the limit, and one open's commits
+    with Journal.open(path, function=FN) as journal:
+        assert journal.stored_ok == 60  # all copied into the database, none lost
 
 
 def test_equal_inputs_are_separate_tasks(tmp_path: Path) -> None:
