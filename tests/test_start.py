@@ -489,7 +489,7 @@ def test_a_worker_sees_the_callers_argv(monkeypatch: pytest.MonkeyPatch) -> None
     assert mt.map(faults.sys_argv, [0], workers=1) == [["job.py", "--scale", "10"]]
 
 
-@pytest.mark.parametrize("start", ["spawn", "fork"])
+@pytest.mark.parametrize("start", ["spawn", pytest.param("fork", marks=needs_fork)])
 def test_a_worker_runs_with_the_callers_interpreter_options(tmp_path: Path, start: str) -> None:
     # python -O job.py: its workers run optimized too, as multiprocessing's spawn passes it
     out = run_script(
