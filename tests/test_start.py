@@ -622,6 +622,50 @@ def test_the_import_system_is_asked_which_modules_a_worker_can_import(
         del on_path_mod
 
 
+@pytest.mark.timeout(30)
+def test_calls_in_two_threads_take_turns_with_cloudpickles_registry(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A function of a module workers cannot import is pickled with its module registered by
+    # value in cloudpickle's global registry: a second thread seeing it registered and
+    # pickling while the first unregisters it would send the function by name.
+    import cloudpickle
+
+    from multitrack.backends import _wire
+
+    module = types.ModuleType("made_for_two_threads")
+    exec("def f():\n    return 1\n", module.__dict__)
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    entered, release, second_done = threading.Event(), threading.Event(), threading.Event()
+
+    class Slow:
+        def __reduce__(self) -> tuple[type, tuple[int]]:
+            entered.set()
+            release.wait(10)
+            return (int, (0,))
+
+    first = threading.Thread(
+        target=_wire.by_value, args=((Slow(), module.f),), kwargs={"modules": [module.__name__]}
+    )
+    first.start()
+    try:
+        assert entered.wait(10)
+
+        def second() -> None:
+            _wire.by_value(module.f, modules=[module.__name__])
+            second_done.set()
+
+        other = threading.Thread(target=second)
+        other.start()
+        assert not second_done.wait(0.3)  # it waits for the first to finish
+    finally:
+        release.set()
+        first.join()
+    other.join()
+    assert second_done.is_set()
+    assert module.__name__ not in cloudpickle.list_registry_pickle_by_value()
+
+
 BROKEN_IN_WORKERS = """
 import os
 if os.getpid() != int(os.environ["CALLER_PID"]):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import pickle
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -63,23 +64,35 @@ def by_value(
 
     if out_of_band is not None:
         out_of_band.clear()  # a failed first attempt may have collected some
-    # The user's own registrations stay as they are.
-    ours = [
-        sys.modules[name]
-        for name in modules
-        if name in sys.modules and name not in cloudpickle.list_registry_pickle_by_value()
-    ]
-    for module in ours:
-        cloudpickle.register_pickle_by_value(module)
-    try:
+
+    def dump() -> bytes:
         # cloudpickle's Pickler, keeping the code's file name and the source a worker cannot
         # read for itself, for its tracebacks (``_source``)
         file = io.BytesIO()
         pickler_class()(file, PROTOCOL, buffer_callback=_collector(out_of_band)).dump(obj)
-    finally:
+        return file.getvalue()
+
+    if not modules:
+        return dump()
+    # cloudpickle's registry is global: calls in several threads take turns, or one could
+    # unregister a module while another pickles a function of it. The user's own
+    # registrations stay as they are.
+    with _registry_lock:
+        ours = [
+            sys.modules[name]
+            for name in modules
+            if name in sys.modules and name not in cloudpickle.list_registry_pickle_by_value()
+        ]
         for module in ours:
-            cloudpickle.unregister_pickle_by_value(module)
-    return file.getvalue()
+            cloudpickle.register_pickle_by_value(module)
+        try:
+            return dump()
+        finally:
+            for module in ours:
+                cloudpickle.unregister_pickle_by_value(module)
+
+
+_registry_lock = threading.Lock()
 
 
 def foreign_by_value(obj: Any, data: bytes) -> bytes:
