@@ -96,3 +96,19 @@ def test_a_python_c_function_shows_its_line_and_source(tmp_path: Path) -> None:
 def test_a_notebook_cell_function_shows_its_cell_line_and_source(tmp_path: Path) -> None:
     traceback = _run(["-c", CELL], tmp_path)
     _assert_shows(traceback, "<ipython-input-7-0123456789ab>", 4)
+
+
+@pytest.mark.timeout(60)
+def test_a_remote_traceback_starts_at_the_users_code() -> None:
+    # Not at the worker's loop or the starmap wrapper: a for-loop's traceback would not
+    # show them either.
+    import faults
+    import multitrack as mt
+    from multitrack.backends import _wire
+
+    with pytest.raises(mt.TaskError) as caught:
+        mt.starmap(faults.three_kinds_of_failure, [(97,)], workers=1, progress=False)
+    remote = str(caught.value.__cause__.__cause__)  # type: ignore[union-attr]
+    first_frame = remote.split("Traceback (most recent call last):\n", 1)[1].splitlines()[0]
+    assert "faults.py" in first_frame and "in three_kinds_of_failure" in first_frame, remote
+    assert _wire._PACKAGE_DIR not in remote

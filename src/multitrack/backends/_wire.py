@@ -18,10 +18,12 @@ Two rules:
 from __future__ import annotations
 
 import io
+import os
 import pickle
 import sys
 import threading
 from collections.abc import Callable, Sequence
+from types import TracebackType
 from typing import Any
 
 from multitrack.backends._channel import in_band
@@ -168,7 +170,7 @@ def pack_error(exc: BaseException) -> tuple[str, str, str, bytes | None]:
     a ``RemoteError`` from the text parts."""
     import traceback  # on the failure path only: 3 ms of every start-up otherwise
 
-    tb_text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    tb_text = "".join(traceback.format_exception(type(exc), exc, _from_the_users_code(exc)))
     try:
         message = str(exc)
     except Exception:
@@ -178,6 +180,23 @@ def pack_error(exc: BaseException) -> tuple[str, str, str, bytes | None]:
     except Exception:
         blob = None
     return (qualified_name(type(exc)), message, tb_text, blob)
+
+
+def _from_the_users_code(exc: BaseException) -> TracebackType | None:
+    """``exc``'s traceback without its leading frames in multitrack (the worker's loop, the
+    starmap wrapper): it starts where the user's code does, as a loop's would. An error
+    raised in multitrack itself keeps its last frame."""
+    tb = exc.__traceback__
+    while (
+        tb is not None
+        and tb.tb_next is not None
+        and tb.tb_frame.f_code.co_filename.startswith(_PACKAGE_DIR)
+    ):
+        tb = tb.tb_next
+    return tb
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 
 
 def unpack_error(packed: tuple[str, str, str, bytes | None]) -> BaseException:
