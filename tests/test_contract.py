@@ -364,6 +364,45 @@ def test_functions_and_classes_of_a_script_work_without_a_main_guard(tmp_path: A
     assert output == ["[0, 3, 6, 9, 12]"]
 
 
+@pytest.mark.usefixtures("each_start_method")
+def test_a_task_can_pickle_the_scripts_classes_and_functions_by_name(tmp_path: Any) -> None:
+    # Inside a task, the script's names are found under __main__ as in a fork of the script:
+    # a task caching an instance of a script's class with pickle, and a multiprocessing pool
+    # in a task mapping a script's function (both pickle them by name).
+    output = _run_script(
+        tmp_path,
+        """
+            import dataclasses
+            import multiprocessing
+            import pickle
+            import multitrack as mt
+
+            @dataclasses.dataclass
+            class Job:
+                n: int
+
+            def double(n):
+                return 2 * n
+
+            def cache(job):
+                again = pickle.loads(pickle.dumps(job))
+                return type(again) is type(job) and again == job
+
+            def nested(job):
+                with multiprocessing.get_context("fork").Pool(1) as pool:
+                    return pool.map(double, [job.n])
+
+            def chained(job):
+                return pickle.loads(pickle.dumps(double))(job.n)
+
+            print(mt.map(cache, [Job(1), Job(2)], workers=2))
+            print(mt.map(nested, [Job(3)], workers=1))
+            print(mt.starmap(chained, [(Job(4),)], workers=1))
+            """,
+    )
+    assert output == ["[True, True]", "[[6]]", "[8]"]
+
+
 @pytest.mark.timeout(60)
 def test_slow_tail_is_shared_and_every_task_runs_exactly_once(tmp_path: Any) -> None:
     # Many quick tasks make chunks big; slow ones at the end then land in one chunk. An idle

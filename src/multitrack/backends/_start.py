@@ -310,6 +310,9 @@ def release(process: WorkerProcess) -> None:
 
 
 def _fork(ends: ChildEnds, parent_ends: Sequence[int], limits: dict[str, str]) -> WorkerProcess:
+    from multitrack.backends._wire import track_script_classes
+
+    track_script_classes()
     out_read, out_write = os.pipe()
     err_read, err_write = os.pipe()
     for stream in (sys.stdout, sys.stderr):  # or the child would print what is buffered twice

@@ -125,6 +125,31 @@ def _collector(
 loads = pickle.loads
 
 
+def track_script_classes() -> None:
+    """Before a fork of the caller: give each class of the script its cloudpickle id now.
+
+    Arguments naming the script travel by value (``dumps``), and cloudpickle rebuilds a class
+    it has no id for as a copy of it. A fork made before the class was first pickled does
+    not know its id, so an argument would arrive as an instance of that copy, not of the
+    script's class the fork has: ``pickle.dumps(arg)`` in the task then fails ("not the same
+    object as __main__.Job") and a registry of the script's classes misses it. With the id
+    given before the fork, the fork finds its own class under it."""
+    main = sys.modules.get("__main__")
+    classes = [
+        value
+        for value in list(vars(main).values() if main is not None else ())
+        if isinstance(value, type) and value.__module__ == "__main__"
+    ]
+    if not classes:
+        return
+    from cloudpickle import cloudpickle
+
+    give_id = getattr(cloudpickle, "_get_or_create_tracker_id", None)
+    if give_id is not None:
+        for cls in classes:
+            give_id(cls)
+
+
 class Spread:
     """``fn(*args)`` as a one-argument function. Workers call every task with exactly one
     argument; tasks with several arguments (``starmap``, ``map`` over several iterables)

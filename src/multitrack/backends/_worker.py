@@ -57,7 +57,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeGuard
 
 from multitrack.backends import _protocol as P
-from multitrack.backends import _wire
+from multitrack.backends import _script_names, _wire
 from multitrack.backends._channel import Channel
 from multitrack.backends._protocol import BLOCK, IDLE, MS_SHIFT, POSITION_BITS, Slot
 
@@ -451,6 +451,7 @@ def run(conn_fd: int, slot_fd: int, stacks_fd: int) -> None:
             stream.reconfigure(**settings)
     worker = Worker(Channel(socket.socket(fileno=conn_fd)), Slot(slot_fd))
     os.close(slot_fd)
+    _script_names.expose(lambda: (worker.fn,))
     try:
         worker.serve()
     finally:
