@@ -403,6 +403,36 @@ def test_a_task_can_pickle_the_scripts_classes_and_functions_by_name(tmp_path: A
     assert output == ["[True, True]", "[[6]]", "[8]"]
 
 
+@pytest.mark.usefixtures("each_start_method")
+def test_an_imap_left_open_at_exit_ends_quietly(tmp_path: Any) -> None:
+    # Its run is closed while the interpreter shuts down, when imports fail: nothing of
+    # that may reach the user (the zygote's close imported subprocess then).
+    import subprocess
+    import sys
+    import textwrap
+
+    script = tmp_path / "job.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import time
+            import multitrack as mt
+
+            def slow(x):
+                time.sleep(0.05)
+                return x
+
+            results = mt.imap(slow, range(1000), workers=2, progress=False)
+            print(next(results))
+            """
+        )
+    )
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert (done.returncode, done.stdout, done.stderr) == (0, "0\n", "")
+
+
 @pytest.mark.timeout(60)
 def test_slow_tail_is_shared_and_every_task_runs_exactly_once(tmp_path: Any) -> None:
     # Many quick tasks make chunks big; slow ones at the end then land in one chunk. An idle

@@ -292,7 +292,8 @@ def test_bad_interval_env_means_default(monkeypatch: pytest.MonkeyPatch, value: 
 
 
 @pytest.mark.parametrize(
-    ("outcome", "word"), [("done", "done"), ("error", "stopped"), ("interrupted", "interrupted")]
+    ("outcome", "word"),
+    [("done", "done"), ("error", "stopped"), ("interrupted", "interrupted"), ("closed", "closed")],
 )
 def test_final_summary_names_the_outcome(
     clock: FakeClock, log: io.StringIO, outcome: _progress.Outcome, word: str
@@ -495,7 +496,13 @@ def test_bar_ticks_while_nothing_completes(clock: FakeClock) -> None:
 
 
 @pytest.mark.parametrize(
-    ("outcome", "mark"), [("done", "]"), ("error", ", stopped]"), ("interrupted", "interrupted]")]
+    ("outcome", "mark"),
+    [
+        ("done", "]"),
+        ("error", ", stopped]"),
+        ("interrupted", "interrupted]"),
+        ("closed", "closed]"),
+    ],
 )
 def test_bar_close_leaves_the_final_state(
     clock: FakeClock, outcome: _progress.Outcome, mark: str

@@ -81,6 +81,19 @@ def test_imap_keeps_its_report_and_a_resumed_run_counts_what_it_reused(tmp_path:
     assert (again.report.reused, again.report.succeeded) == (5, 2)  # type: ignore[attr-defined]
 
 
+def test_an_imap_left_before_its_end_says_closed_not_stopped(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Breaking out of the loop is the caller's choice, not a failure of the run.
+    monkeypatch.delenv("MULTITRACK_PROGRESS")  # the suite turns bars off
+    results = mt.imap(faults.sleep_for, [0.01] * 50, workers=2, chunksize=1, progress="log")
+    assert next(results) == 0.01
+    results.close()  # type: ignore[attr-defined]
+    assert results.report.outcome == "closed"  # type: ignore[attr-defined]
+    err = capsys.readouterr().err
+    assert "multitrack: closed 1/50" in err and "(process), closed" in err, err
+
+
 def test_the_slowest_tasks_are_those_timed_alone() -> None:
     reports: list[Report] = []
     sleeps = [0.01, 0.3, 0.01, 0.2, 0.01, 0.01, 0.01]

@@ -49,7 +49,9 @@ __all__ = [
     "make_progress",
 ]
 
-Outcome = Literal["done", "error", "interrupted"]
+# How a call ended: all done; stopped by a failure; by Ctrl-C; or its ``imap`` closed before
+# its end by the caller (a ``break`` out of the loop, ``close()``, garbage collection).
+Outcome = Literal["done", "error", "interrupted", "closed"]
 Clock = Callable[[], float]
 _P = TypeVar("_P", bound="Progress")
 
@@ -57,7 +59,12 @@ LOG_INTERVAL = 30.0  # seconds between status lines when not on a terminal
 TICK = 1.0  # seconds between redraws of a live bar while nothing completes
 LOG_SMOOTHING = 0.3  # weight of the newest interval in a status line's rate
 _OFF = ("0", "false", "no", "off")
-_FINAL_WORD: dict[str, str] = {"done": "done", "error": "stopped", "interrupted": "interrupted"}
+_FINAL_WORD: dict[str, str] = {
+    "done": "done",
+    "error": "stopped",
+    "interrupted": "interrupted",
+    "closed": "closed",
+}
 
 
 class Progress:
@@ -264,7 +271,7 @@ class TqdmProgress(Progress):
             self._bar.set_postfix_str(
                 ", ".join(filter(None, [self.postfix(), word])), refresh=False
             )
-        if self.failed or outcome != "done":
+        if self.failed or outcome not in ("done", "closed"):
             self._bar.close_failed()  # the widget turns red, not green
         else:
             self._bar.close()

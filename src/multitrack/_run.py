@@ -38,7 +38,7 @@ import os
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from multitrack._chunks import ChunkSizer
 from multitrack._errors import (
@@ -50,7 +50,7 @@ from multitrack._errors import (
 )
 from multitrack._ledger import MAX_BYSTANDER_REQUEUES, Ledger
 from multitrack._order import Release
-from multitrack._progress import Progress
+from multitrack._progress import Outcome, Progress
 from multitrack._report import Report, ReportOption, deliver, function_name
 from multitrack._stuck import CHECK_EVERY, Stuck
 from multitrack.backends._base import Backend, Chunk, Completed, GivenBack, Lost
@@ -156,7 +156,7 @@ class Run:
 
     def batches(self) -> Generator[list[Any], None, None]:
         """The results in lists, as they become releasable (what ``map`` collects)."""
-        outcome: Literal["done", "error", "interrupted"] = "error"
+        outcome: Outcome = "error"
         try:
             self.stuck.install()
             self.backend.begin(self.fn, self._output, timed=self.policy.timeout is not None)
@@ -190,6 +190,9 @@ class Run:
         except KeyboardInterrupt:
             outcome = "interrupted"
             raise
+        except GeneratorExit:  # the caller closed its imap: nothing failed
+            outcome = "closed"
+            raise
         finally:
             self._shutdown(outcome)
 
@@ -208,7 +211,7 @@ class Run:
             else:
                 self.ledger.given_back(event)
 
-    def _shutdown(self, outcome: Literal["done", "error", "interrupted"]) -> None:
+    def _shutdown(self, outcome: Outcome) -> None:
         self.over = True
         self.stuck.uninstall()
         aborted = outcome != "done"

@@ -199,11 +199,12 @@ class Zygote:
         """Let it exit (EOF on its socket: at once, unless it is busy importing); its workers
         are told nothing, and live on."""
         self._control.close()
-        import subprocess
-
-        try:
-            self.process.wait(CLOSE_WAIT)
-        except subprocess.TimeoutExpired:
+        # Polled, not ``Popen.wait``: this may run while the interpreter shuts down (an
+        # ``imap`` left open is closed then), when an import (its TimeoutExpired) fails.
+        deadline = time.monotonic() + CLOSE_WAIT
+        while self.process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.002)
+        if self.process.poll() is None:
             _reap_later(self.process)
 
     def _send(self, message: tuple[Any, ...], fds: tuple[int, ...] = ()) -> bool:
