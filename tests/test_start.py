@@ -742,3 +742,17 @@ def test_a_frozen_program_is_told_to_fork_instead_of_starting_itself_again(
     assert _zygote._zygotes == before  # nothing was started
     if _platform.CAN_FORK:
         assert mt.map(abs, [-1, -2], workers=2, start_method="fork") == [1, 2]
+
+
+@pytest.mark.usefixtures("each_start_method")
+def test_a_worker_starts_in_the_callers_working_directory_even_once_deleted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A fresh interpreter would start there (deleted or not); the zygote was told the path,
+    # and os.getcwd() of a deleted directory raised before any worker started.
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    assert mt.map(faults.working_directory, [1], workers=1) == [str(here)]
+    here.rmdir()
+    assert mt.map(faults.working_directory, [1], workers=1) == [f"{here} (deleted)"]

@@ -21,7 +21,7 @@ all forks of it::
     caller ──control socket (SOCK_SEQPACKET; descriptors by SCM_RIGHTS)──▶ zygote (own session)
       │  "preload" sys.path, module names  ─▶  imported once, errors ignored (the worker
       │                                         imports again and reports them)
-      │  "fork" token, cwd + 5 child ends  ─▶  fork() ─▶ worker (child of the zygote)
+      │  "fork" token + 5 child ends, cwd  ─▶  fork() ─▶ worker (child of the zygote)
       │                       ◀─ "forked" token pid
       │                       ◀─ "exit" pid code     (learned with waitid(WNOWAIT): not reaped)
       │  "release" pid        ─▶ reaped now
@@ -78,6 +78,8 @@ _DROPPED = 255
 # Zygotes kept at once, one per environment (pools of different sizes differ in their thread
 # caps, and a program may alternate between two): each holds what it preloaded.
 MAX_ZYGOTES = 2
+# The caller's working directory, sent to a worker as a descriptor (``Zygote.fork``).
+_CWD_FLAGS = getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY | os.O_CLOEXEC
 
 
 # -- the caller's side ------------------------------------------------------------------------
@@ -133,8 +135,15 @@ class Zygote:
         its pid, or ``None`` when the zygote cannot (then it is not used again)."""
         with self._lock:
             self._awaited = token = next(self._tokens)
-            if not self._send(("fork", token, os.getcwd()), fds):
-                return None
+            # The working directory goes as a descriptor, not a path: the worker then starts
+            # in it even when it was deleted or renamed meanwhile, as a fresh interpreter
+            # would (O_PATH: no read permission needed, as for a path).
+            cwd = os.open(".", _CWD_FLAGS)
+            try:
+                if not self._send(("fork", token), (*fds, cwd)):
+                    return None
+            finally:
+                os.close(cwd)
             # The reply comes once the zygote has imported what the call needs: a model
             # loaded at import can take minutes, and a fresh worker's import is waited for
             # as long as it takes, so the zygote's is too (giving up would make every worker

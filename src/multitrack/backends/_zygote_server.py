@@ -6,7 +6,8 @@ time) and a pipe the SIGCHLD handler writes into (a worker exited)::
 
     control socket ── "preload" path argv names ──▶ import them (errors ignored: the worker
                   │                                  imports again and says what went wrong)
-                  ├── "fork" token cwd + 5 fds ──▶ fork() a worker; reply "forked" token pid
+                  ├── "fork" token + 6 fds ──▶ fork() a worker in the caller's working directory
+                  │                           (the 6th fd); reply "forked" token pid
                   │                                 (or "unsafe": a thread, CUDA, OpenMP; "failed")
                   └── "release" pid ─────────────▶ reap it once it has exited
     SIGCHLD ──▶ waitid(WNOWAIT) for each child ──▶ reply "exit" pid code (not reaped yet)
@@ -77,24 +78,24 @@ class _Server:  # pragma: no cover - runs in the zygote process
         if message[0] == "preload":
             _preload(message[1], message[2], message[3])
         elif message[0] == "fork":
-            self._fork(message[1], message[2], fds)
+            self._fork(message[1], fds)
         elif message[0] == "release":
             self.children[message[1]] = True
             self._report_exits()
 
-    def _fork(self, token: int, cwd: str, fds: list[int]) -> None:
+    def _fork(self, token: int, fds: list[int]) -> None:
         import threading
 
         from multitrack.backends._native import openmp_threads
 
-        if len(fds) != 5 or threading.active_count() > 1 or len(sys._current_frames()) > 1:
+        if len(fds) != 6 or threading.active_count() > 1 or len(sys._current_frames()) > 1:
             self._reply(("unsafe", token, None))  # a preloaded module started a thread
         elif _cuda_in_use():
             self._reply(("unsafe", token, None))  # a fork could not use CUDA again
         elif openmp_threads():
             self._reply(("unsafe", token, None))  # a fork would hang in its first parallel region
         else:
-            pid = _fork_worker(cwd, fds, closing=(self.control.fileno(), *self._wake_fds()))
+            pid = _fork_worker(fds, closing=(self.control.fileno(), *self._wake_fds()))
             if pid is None:
                 self._reply(("failed", token, None))
             else:
@@ -161,9 +162,7 @@ def _preload(
                 pass
 
 
-def _fork_worker(
-    cwd: str, fds: list[int], *, closing: tuple[int, ...]
-) -> int | None:  # pragma: no cover - the zygote
+def _fork_worker(fds: list[int], *, closing: tuple[int, ...]) -> int | None:  # pragma: no cover
     import warnings
 
     from multitrack.backends._start import ChildEnds, become_worker
@@ -177,11 +176,12 @@ def _fork_worker(
         except OSError:
             return None
     if pid == 0:
+        conn, slot, stacks, out, err, cwd = fds
         try:
-            os.chdir(cwd)
+            os.fchdir(cwd)
         except OSError:
             pass
-        conn, slot, stacks, out, err = fds
+        os.close(cwd)
         become_worker(ChildEnds(conn, slot, stacks), (out, err), closing=closing, mask=set())
     return pid
 
