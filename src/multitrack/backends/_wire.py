@@ -133,16 +133,21 @@ def track_script_classes() -> None:
     not know its id, so an argument would arrive as an instance of that copy, not of the
     script's class the fork has: ``pickle.dumps(arg)`` in the task then fails ("not the same
     object as __main__.Job") and a registry of the script's classes misses it. With the id
-    given before the fork, the fork finds its own class under it."""
+    given before the fork, the fork finds its own class under it.
+
+    Only once cloudpickle is loaded (12 ms of imports): it is as soon as a function of the
+    script is sent (by value, in the payload every call makes), which is the usual case. A
+    function of an importable module given an instance of a script's class, in a process
+    that had sent nothing by value before, still sees a copy."""
+    cloudpickle = sys.modules.get("cloudpickle.cloudpickle")
     main = sys.modules.get("__main__")
+    if cloudpickle is None or main is None:
+        return
     classes = [
         value
-        for value in list(vars(main).values() if main is not None else ())
+        for value in list(vars(main).values())
         if isinstance(value, type) and value.__module__ == "__main__"
     ]
-    if not classes:
-        return
-    from cloudpickle import cloudpickle
 
     give_id = getattr(cloudpickle, "_get_or_create_tracker_id", None)
     if give_id is not None:
