@@ -237,6 +237,39 @@ def test_the_first_use_of_a_call_starts_its_zygote_and_an_import_does_not(
     assert run_script(tmp_path, threads).split() == ["[]", "True", "1"]
 
 
+ADOPTED = """
+import os
+import sys
+sys.path.insert(0, {tests!r})
+import faults
+import multitrack as mt
+from multitrack.backends import _zygote
+
+call = mt.map  # the zygote started ahead: the default pool size's thread caps
+ahead = [z.process.pid for z in _zygote._zygotes.values()]
+os.environ[{variable!r}] = "set later"
+got = call(faults.environment, ["OMP_NUM_THREADS", {variable!r}], workers=1)
+now = [z.process.pid for z in _zygote._zygotes.values() if z.usable]
+print(got == [str(os.cpu_count()), "set later"], now == ahead, len(now))
+"""
+
+
+@needs_fork
+@pytest.mark.timeout(60)
+def test_a_first_call_of_another_pool_size_uses_the_zygote_started_ahead(
+    tmp_path: Path,
+) -> None:
+    # One worker may use every core: other thread caps than the zygote started ahead of the
+    # call had. Blank, it takes the call's environment instead of a second zygote booting.
+    tests = str(Path(__file__).parent)
+    adopted = ADOPTED.format(tests=tests, variable="ZYGOTE_TEST_FLAG")
+    assert run_script(tmp_path, adopted).split() == ["True", "True", "1"]
+    # A variable that an interpreter reads as it starts cannot be taken later: a new one
+    # (and the one started ahead stays, for a later call of the default size).
+    started_anew = ADOPTED.format(tests=tests, variable="LC_ZYGOTE_TEST")
+    assert run_script(tmp_path, started_anew).split() == ["True", "False", "2"]
+
+
 THREADED = """
 import os, threading, time
 if os.getpid() != int(os.environ["CALLER_PID"]):  # not in the test's own process

@@ -36,7 +36,11 @@ may still signal (a kill, a stack dump) is never reused meanwhile.
 (``OMP_NUM_THREADS``, ``CUDA_VISIBLE_DEVICES``): a zygote is started with the caller's
 environment plus the workers' thread caps (which depend on the pool's size), and a caller whose
 environment changed gets a new one. Two are kept (a program may alternate between two pool
-sizes); an older one exits once its last worker is released.
+sizes); an older one exits once its last worker is released. The exception is the zygote
+started ahead of a program's first call (``prestart``, with the default pool size's caps):
+until it has imported anything of the user's it takes the environment of the call that uses
+it ("environ"), so a first call with another ``workers`` does not boot a second one, unless
+a variable an interpreter reads as it starts differs (``STARTUP_ENV``).
 
 **Lifetime.** A process's first use of a call (``multitrack.map`` and its siblings) starts the
 zygote for the default pool size (``_start.prestart``): it boots while the caller imports the
@@ -78,6 +82,9 @@ _DROPPED = 255
 # Zygotes kept at once, one per environment (pools of different sizes differ in their thread
 # caps, and a program may alternate between two): each holds what it preloaded.
 MAX_ZYGOTES = 2
+# Variables an interpreter (or the dynamic loader, or libc) reads as it starts, or that the
+# zygote's own imports read: a zygote started with other values cannot take them later.
+STARTUP_ENV = ("PYTHON", "LD_", "MALLOC_", "GLIBC_", "LC_", "LANG", "TZ", "MULTITRACK_")
 # The caller's working directory, sent to a worker as a descriptor (``Zygote.fork``).
 _CWD_FLAGS = getattr(os, "O_PATH", os.O_RDONLY) | os.O_DIRECTORY | os.O_CLOEXEC
 
@@ -104,6 +111,7 @@ class Zygote:
                 start_new_session=True,
                 env=dict(env),
             )
+        self.env = dict(env)  # what its workers get (``adopt`` may change it once)
         ours.setblocking(False)
         self._control = ours
         self._preloaded: set[str] = set()
@@ -121,6 +129,25 @@ class Zygote:
         """Whether workers may be forked from it: ``close`` (it is gone, unsafe or failed)
         closes its socket, which is the one record of that."""
         return self._control.fileno() >= 0
+
+    @property
+    def blank(self) -> bool:
+        """Nothing of the user's imported, no worker forked: its environment can change."""
+        return self.usable and not self._preloaded and self._awaited == -1
+
+    def adopt(self, env: Mapping[str, str]) -> bool:
+        """Take ``env`` as the environment of everything it imports and forks from now on,
+        when it is blank and no variable read at start-up differs (``STARTUP_ENV``)."""
+        changed = {
+            name for name in self.env.keys() | env.keys() if self.env.get(name) != env.get(name)
+        }
+        with self._lock:
+            if not self.blank or any(name.startswith(STARTUP_ENV) for name in changed):
+                return False
+            if not self._send(("environ", dict(env))):
+                return False
+            self.env = dict(env)
+            return True
 
     def preload(self, names: Iterable[str]) -> None:
         """Have the zygote import ``names`` (once each) before its next fork."""
@@ -257,10 +284,26 @@ def for_env(env: Mapping[str, str]) -> Zygote | None:
     """The zygote for workers with environment ``env``, started if needed; ``None`` when one
     for ``env`` failed (workers then start as fresh interpreters)."""
     with _registry_lock:
-        found = _for_env(env)
+        found = _adopted(env) or _for_env(env)
         if found is not None:
             _prestarted.discard(found)  # used now
         return found
+
+
+def _adopted(env: Mapping[str, str]) -> Zygote | None:
+    """A zygote started ahead that takes ``env`` as its own (``Zygote.adopt``), kept under
+    it; ``None`` when one for ``env`` exists already, or none can."""
+    key = tuple(sorted(env.items()))
+    if key in _zygotes:
+        return None
+    for ahead in _prestarted:
+        if ahead.adopt(env):
+            for old, each in list(_zygotes.items()):
+                if each is ahead:
+                    del _zygotes[old]
+            _zygotes[key] = ahead
+            return ahead
+    return None
 
 
 def prestart(env: Mapping[str, str]) -> None:

@@ -4,11 +4,13 @@ and says why there is one).
 Its loop waits on two things at once: the control socket (requests from the caller, one at a
 time) and a pipe the SIGCHLD handler writes into (a worker exited)::
 
-    control socket ── "preload" path argv names ──▶ import them (errors ignored: the worker
+    control socket ── "environ" env ─────────────▶ take it as its own (before any preload)
+                  ├── "preload" path argv names ──▶ import them (errors ignored: the worker
                   │                                  imports again and says what went wrong)
-                  ├── "fork" token + 6 fds ──▶ fork() a worker in the caller's working directory
-                  │                           (the 6th fd); reply "forked" token pid
-                  │                                 (or "unsafe": a thread, CUDA, OpenMP; "failed")
+                  ├── "fork" token + 6 fds ──────▶ fork() a worker, in the caller's working
+                  │                                  directory (the 6th fd); reply "forked"
+                  │                                  token pid (or "unsafe": a thread, CUDA,
+                  │                                  OpenMP; "failed")
                   └── "release" pid ─────────────▶ reap it once it has exited
     SIGCHLD ──▶ waitid(WNOWAIT) for each child ──▶ reply "exit" pid code (not reaped yet)
 
@@ -75,7 +77,10 @@ class _Server:  # pragma: no cover - runs in the zygote process
                 self._handle(pickle.loads(data), fds)
 
     def _handle(self, message: tuple[Any, ...], fds: list[int]) -> None:
-        if message[0] == "preload":
+        if message[0] == "environ":  # before anything of the user's is imported (_zygote)
+            os.environ.clear()
+            os.environ.update(message[1])
+        elif message[0] == "preload":
             _preload(message[1], message[2], message[3])
         elif message[0] == "fork":
             self._fork(message[1], fds)
