@@ -324,3 +324,12 @@ def working_directory(_: Any) -> str:
     """The working directory of the process running this task, as the kernel names it (a
     deleted one ends in " (deleted)")."""
     return os.readlink("/proc/self/cwd")
+
+
+def process_state(_: Any) -> tuple[int, list[int], tuple[int, int]]:
+    """The umask, CPUs and open-files limit of the process running this task."""
+    import resource
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask, sorted(os.sched_getaffinity(0)), resource.getrlimit(resource.RLIMIT_NOFILE)

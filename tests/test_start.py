@@ -789,3 +789,24 @@ def test_a_worker_starts_in_the_callers_working_directory_even_once_deleted(
     assert mt.map(faults.working_directory, [1], workers=1) == [str(here)]
     here.rmdir()
     assert mt.map(faults.working_directory, [1], workers=1) == [f"{here} (deleted)"]
+
+
+@pytest.mark.usefixtures("each_start_method")
+def test_a_worker_has_the_umask_cpus_and_limits_the_caller_has_at_the_call() -> None:
+    # As a fresh interpreter started then would: the zygote started before the caller
+    # changed them, and its forks kept its own.
+    import resource
+
+    assert mt.map(abs, [-1], workers=1) == [1]  # a zygote is up
+    cpus = os.sched_getaffinity(0)
+    files = resource.getrlimit(resource.RLIMIT_NOFILE)
+    mask = os.umask(0o027)
+    try:
+        os.sched_setaffinity(0, {min(cpus)})
+        resource.setrlimit(resource.RLIMIT_NOFILE, (files[0] - 1, files[1]))
+        got = mt.map(faults.process_state, [1], workers=1)
+        assert got == [(0o027, [min(cpus)], (files[0] - 1, files[1]))]
+    finally:
+        os.umask(mask)
+        os.sched_setaffinity(0, cpus)
+        resource.setrlimit(resource.RLIMIT_NOFILE, files)

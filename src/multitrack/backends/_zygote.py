@@ -1,7 +1,8 @@
 """The zygote: one clean process per caller, that workers are forked from (the default start).
 
 **What a worker sees of the caller** is what a fresh interpreter started at the call would
-see: the caller's ``sys.path`` (in its order), working directory and environment, and its
+see: the caller's ``sys.path`` (in its order), working directory and environment (its umask,
+CPUs, niceness and resource limits too: ``process_state``), and its
 modules imported anew, in the state their import leaves them (a module global the caller
 changed at run time is not seen changed; a function of the caller's script travels by value,
 with the values of the globals it names). This is the same whether or not numpy, OpenCV,
@@ -167,7 +168,7 @@ class Zygote:
             # would (O_PATH: no read permission needed, as for a path).
             cwd = os.open(".", _CWD_FLAGS)
             try:
-                if not self._send(("fork", token), (*fds, cwd)):
+                if not self._send(("fork", token, process_state()), (*fds, cwd)):
                     return None
             finally:
                 os.close(cwd)
@@ -275,6 +276,32 @@ class Zygote:
                 yield reply
             elif reply[0] == "forked":  # for a request given up: its worker sees EOF and exits
                 self._send(("release", reply[2]))
+
+
+def process_state() -> dict[str, Any]:
+    """What a process started now inherits from the caller besides its working directory and
+    environment: its umask, the CPUs it may run on, its niceness, its resource limits. The
+    caller may have changed them since its zygote started; the worker takes these
+    (``_zygote_server``)."""
+    import resource
+
+    state: dict[str, Any] = {
+        "affinity": os.sched_getaffinity(0),
+        "nice": os.getpriority(os.PRIO_PROCESS, 0),
+        "limits": {
+            number: resource.getrlimit(number)
+            for name, number in vars(resource).items()
+            if name.startswith("RLIMIT_")
+        },
+    }
+    try:
+        with open("/proc/self/status", "rb") as status:  # Linux 4.7+: read without changing
+            for line in status:
+                if line.startswith(b"Umask:"):
+                    state["umask"] = int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return state
 
 
 _zygotes: dict[tuple[tuple[str, str], ...], Zygote] = {}

@@ -7,8 +7,9 @@ time) and a pipe the SIGCHLD handler writes into (a worker exited)::
     control socket ── "environ" env ─────────────▶ take it as its own (before any preload)
                   ├── "preload" path argv names ──▶ import them (errors ignored: the worker
                   │                                  imports again and says what went wrong)
-                  ├── "fork" token + 6 fds ──────▶ fork() a worker, in the caller's working
-                  │                                  directory (the 6th fd); reply "forked"
+                  ├── "fork" token state + 6 fds ▶ fork() a worker, in the caller's working
+                  │                                  directory (the 6th fd), with its umask,
+                  │                                  CPUs and limits (state); reply "forked"
                   │                                  token pid (or "unsafe": a thread, CUDA,
                   │                                  OpenMP; "failed")
                   └── "release" pid ─────────────▶ reap it once it has exited
@@ -83,12 +84,12 @@ class _Server:  # pragma: no cover - runs in the zygote process
         elif message[0] == "preload":
             _preload(message[1], message[2], message[3])
         elif message[0] == "fork":
-            self._fork(message[1], fds)
+            self._fork(message[1], message[2], fds)
         elif message[0] == "release":
             self.children[message[1]] = True
             self._report_exits()
 
-    def _fork(self, token: int, fds: list[int]) -> None:
+    def _fork(self, token: int, state: dict[str, Any], fds: list[int]) -> None:
         import threading
 
         from multitrack.backends._native import openmp_threads
@@ -100,7 +101,7 @@ class _Server:  # pragma: no cover - runs in the zygote process
         elif openmp_threads():
             self._reply(("unsafe", token, None))  # a fork would hang in its first parallel region
         else:
-            pid = _fork_worker(fds, closing=(self.control.fileno(), *self._wake_fds()))
+            pid = _fork_worker(fds, state, closing=(self.control.fileno(), *self._wake_fds()))
             if pid is None:
                 self._reply(("failed", token, None))
             else:
@@ -167,7 +168,9 @@ def _preload(
                 pass
 
 
-def _fork_worker(fds: list[int], *, closing: tuple[int, ...]) -> int | None:  # pragma: no cover
+def _fork_worker(
+    fds: list[int], state: dict[str, Any], *, closing: tuple[int, ...]
+) -> int | None:  # pragma: no cover - the zygote
     import warnings
 
     from multitrack.backends._start import ChildEnds, become_worker
@@ -187,8 +190,32 @@ def _fork_worker(fds: list[int], *, closing: tuple[int, ...]) -> int | None:  # 
         except OSError:
             pass
         os.close(cwd)
+        _take(state)
         become_worker(ChildEnds(conn, slot, stacks), (out, err), closing=closing, mask=set())
     return pid
+
+
+def _take(state: dict[str, Any]) -> None:  # pragma: no cover - a worker, just forked
+    """Take the caller's umask, CPUs, niceness and resource limits (``_zygote.process_state``),
+    as a process it started now would have them; what this process may not take (a limit
+    above its hard limit, a lower niceness) stays as it is."""
+    import resource
+
+    if "umask" in state:
+        os.umask(state["umask"])
+    for number, limits in state["limits"].items():
+        try:
+            if resource.getrlimit(number) != limits:
+                resource.setrlimit(number, limits)
+        except (OSError, ValueError):
+            pass
+    try:
+        if os.sched_getaffinity(0) != state["affinity"]:
+            os.sched_setaffinity(0, state["affinity"])
+        if os.getpriority(os.PRIO_PROCESS, 0) != state["nice"]:
+            os.setpriority(os.PRIO_PROCESS, 0, state["nice"])
+    except OSError:
+        pass
 
 
 def _drained(fd: int) -> bool:  # pragma: no cover - the zygote
