@@ -166,12 +166,16 @@ class Zygote:
             # The working directory goes as a descriptor, not a path: the worker then starts
             # in it even when it was deleted or renamed meanwhile, as a fresh interpreter
             # would (O_PATH: no read permission needed, as for a path).
-            cwd = os.open(".", _CWD_FLAGS)
             try:
-                if not self._send(("fork", token, process_state()), (*fds, cwd)):
+                cwd: tuple[int, ...] = (os.open(".", _CWD_FLAGS),)
+            except OSError:  # gone from under us (a stale NFS mount): the zygote's, then
+                cwd = ()
+            try:
+                if not self._send(("fork", token, process_state()), (*fds, *cwd)):
                     return None
             finally:
-                os.close(cwd)
+                for fd in cwd:
+                    os.close(fd)
             # The reply comes once the zygote has imported what the call needs: a model
             # loaded at import can take minutes, and a fresh worker's import is waited for
             # as long as it takes, so the zygote's is too (giving up would make every worker

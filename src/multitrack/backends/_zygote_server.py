@@ -8,10 +8,11 @@ time) and a pipe the SIGCHLD handler writes into (a worker exited)::
                   ├── "preload" path argv names ──▶ import them (errors ignored: the worker
                   │                                  imports again and says what went wrong)
                   ├── "fork" token state + 6 fds ▶ fork() a worker, in the caller's working
-                  │                                  directory (the 6th fd), with its umask,
-                  │                                  CPUs and limits (state); reply "forked"
-                  │                                  token pid (or "unsafe": a thread, CUDA,
-                  │                                  OpenMP; "failed")
+                  │                                  directory (the 6th fd, when the caller
+                  │                                  could open it), with its umask, CPUs and
+                  │                                  limits (state); reply "forked" token pid
+                  │                                  (or "unsafe": a thread, CUDA, OpenMP;
+                  │                                  "failed")
                   └── "release" pid ─────────────▶ reap it once it has exited
     SIGCHLD ──▶ waitid(WNOWAIT) for each child ──▶ reply "exit" pid code (not reaped yet)
 
@@ -94,7 +95,7 @@ class _Server:  # pragma: no cover - runs in the zygote process
 
         from multitrack.backends._native import openmp_threads
 
-        if len(fds) != 6 or threading.active_count() > 1 or len(sys._current_frames()) > 1:
+        if len(fds) not in (5, 6) or threading.active_count() > 1 or len(sys._current_frames()) > 1:
             self._reply(("unsafe", token, None))  # a preloaded module started a thread
         elif _cuda_in_use():
             self._reply(("unsafe", token, None))  # a fork could not use CUDA again
@@ -184,12 +185,13 @@ def _fork_worker(
         except OSError:
             return None
     if pid == 0:
-        conn, slot, stacks, out, err, cwd = fds
-        try:
-            os.fchdir(cwd)
-        except OSError:
-            pass
-        os.close(cwd)
+        conn, slot, stacks, out, err, *cwd = fds
+        for fd in cwd:  # none: the caller could not open its own, this one's it is
+            try:
+                os.fchdir(fd)
+            except OSError:
+                pass
+            os.close(fd)
         _take(state)
         become_worker(ChildEnds(conn, slot, stacks), (out, err), closing=closing, mask=set())
     return pid
