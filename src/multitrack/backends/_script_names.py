@@ -34,9 +34,9 @@ SCRIPT = "__main__"
 
 def expose(functions: Callable[[], Iterable[Any]]) -> None:
     """Let this process's ``__main__`` answer for the script's names: ``functions()`` gives
-    the script functions loaded here now (the task's, the initializer's), whose globals are
-    searched. Does nothing when ``__main__`` answers missing names already (a fork of a
-    script that defines its own ``__getattr__``)."""
+    the functions loaded here now (the task's), whose globals are searched. Does nothing
+    when ``__main__`` answers missing names already (a fork of a script that defines its own
+    ``__getattr__``)."""
     main = sys.modules.get(SCRIPT)
     if main is None or "__getattr__" in vars(main):
         return
@@ -53,7 +53,7 @@ def expose(functions: Callable[[], Iterable[Any]]) -> None:
 def _find(name: str, functions: Callable[[], Iterable[Any]]) -> Any:
     for fn in functions():
         fn = _unwrap(fn)
-        if getattr(fn, "__module__", None) == SCRIPT and fn.__qualname__ == name:
+        if getattr(fn, "__module__", None) == SCRIPT and getattr(fn, "__qualname__", "") == name:
             return fn
         namespace = getattr(fn, "__globals__", None)
         value = namespace.get(name) if isinstance(namespace, dict) else None
