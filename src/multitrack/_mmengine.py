@@ -127,11 +127,13 @@ def track_parallel_progress(
     unlike ``multitrack.map``'s default): they see the caller's modules as they are at the
     call, and start without importing anything again, numpy's or OpenCV's threads or not.
     The cases where that is unsafe differ from mmengine: while another *Python* thread runs
-    in the caller, a fork could copy a lock it holds, and after the caller ran a GNU OpenMP
-    parallel region (torch), a fork would hang in its own first one (mmengine's workers do);
-    then workers start as fresh interpreters instead (a warning says why), and see modules
-    imported anew, not as the caller changed them. With ``helper.py`` holding ``SCALE = 1``,
-    a ``setup(s)`` that sets it and ``work(x)`` returning ``x * SCALE``::
+    in the caller, a fork could copy a lock it holds; after the caller ran a GNU OpenMP
+    parallel region (torch), a fork hangs in its own first one (mmengine's workers do) unless
+    OpenMP's pool lets go of its threads first, which multitrack asks of it (an OpenMP 5.0
+    call, GCC 9 and later: torch's libgomp has it). In those cases workers start as fresh
+    interpreters instead (a warning says why), and see modules imported anew, not as the
+    caller changed them. With ``helper.py`` holding ``SCALE = 1``, a ``setup(s)`` that sets
+    it and ``work(x)`` returning ``x * SCALE``::
 
         helper.setup(10)
         track_parallel_progress(helper.work, [1, 2, 3], 2)  # [10, 20, 30], as mmengine
@@ -297,7 +299,10 @@ def _start_method(given: str | None) -> str | None:
     if threads:
         why = f"other Python threads run ({', '.join(threads)})"
     elif refuse_native_fork() is not None:
-        why = "it ran a GNU OpenMP parallel region (a fork of it would hang in its first)"
+        why = (
+            "it ran a GNU OpenMP parallel region whose threads would not let go (a fork of "
+            "it would hang in its first)"
+        )
     else:
         return "fork"
     import warnings

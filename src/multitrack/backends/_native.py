@@ -20,6 +20,14 @@ and counted if it never stops running (libgomp's pool spins for a while after a 
 no system call, before it sleeps): a false alarm costs a slower start (the zygote's
 workers start as fresh interpreters) or a clear refusal (``start_method="fork"``), a miss
 costs a hang. Nothing is read in a process with one thread.
+
+**Letting the pool go.** OpenMP 5.0 has a call for exactly this: ``omp_pause_resource_all``
+(libgomp of GCC 9 and later: torch's bundled copy, Debian 12's) tears down the calling
+thread's pool, whose threads exit, and the next parallel region starts a new one. So where
+threads are found, ``release_openmp`` asks every libgomp of the process to pause, and counts
+again: a fork is safe when none is left (the zygote's workers are then forks after all, and a
+fork of the caller is not refused). A pool it cannot release (an older libgomp, a pool of
+another thread) still counts.
 """
 
 from __future__ import annotations
@@ -57,6 +65,33 @@ def openmp_threads() -> int:
     return sum(1 for inside in verdicts.values() if inside is not False)
 
 
+def release_openmp() -> int:
+    """Ask each GNU OpenMP of this process to let its pool's threads go (see the module's
+    docstring), then how many OpenMP threads are left: 0 when a fork is safe again.
+
+    Example:
+        >>> release_openmp()  # no pool here: nothing to release
+        0
+    """
+    if not _libgomp_code():
+        return openmp_threads()
+    import ctypes
+
+    for path in _libgomp_paths():
+        try:
+            library = ctypes.CDLL(path, mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+        except OSError:  # not loaded after all
+            continue
+        pause = getattr(library, "omp_pause_resource_all", None)
+        if pause is not None:  # absent before GCC 9: its pool stays, and counts
+            pause.argtypes, pause.restype = [ctypes.c_int], ctypes.c_int
+            pause(OMP_PAUSE_SOFT)
+    return openmp_threads()
+
+
+OMP_PAUSE_SOFT = 1  # omp.h's omp_pause_soft: release the threads, keep the data
+
+
 # A running thread is looked at again every 0.5 ms for up to 100 ms: caught once in a system
 # call, it is placed. OpenBLAS's idle threads spin on sched_yield for about 0.1 s after any
 # work; an idle libgomp thread spins without a system call, then sleeps in libgomp.
@@ -80,7 +115,17 @@ def _libgomp_code() -> list[tuple[int, int]]:
 
 
 def _read_libgomp_code() -> list[tuple[int, int]]:
-    ranges = []
+    return [(low, high) for low, high, _ in _libgomp_mappings()]
+
+
+def _libgomp_paths() -> list[str]:
+    """The files of the libgomp copies mapped in this process (torch bundles its own)."""
+    return sorted({path for _, _, path in _libgomp_mappings()})
+
+
+def _libgomp_mappings() -> list[tuple[int, int, str]]:
+    """(low, high, path) of each executable mapping of a libgomp in this process."""
+    found = []
     try:
         with open("/proc/self/maps") as maps:
             for line in maps:
@@ -89,10 +134,10 @@ def _read_libgomp_code() -> list[tuple[int, int]]:
                 span, perms, *rest = line.split()
                 if "x" in perms and rest and os.path.basename(rest[-1]).startswith("libgomp"):
                     low, high = span.split("-")
-                    ranges.append((int(low, 16), int(high, 16)))
+                    found.append((int(low, 16), int(high, 16), rest[-1]))
     except OSError:
         return []
-    return ranges
+    return found
 
 
 def _inside(tid: int, code: list[tuple[int, int]]) -> bool | None:

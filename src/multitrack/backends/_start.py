@@ -22,9 +22,9 @@ depended on what their imports did (a module global set at run time was seen, or
 module state as it is then (globals set at run time, as mmengine's workers on Linux do) and
 shares its memory copy-on-write (a 2 GB lookup table in a global costs no copy). It is refused
 while the caller runs another Python thread (a lock that thread holds would stay held in every
-worker, forever), while GNU OpenMP's pool has threads (a fork hangs at its first parallel
-region: ``_native``), and where fork is unsafe (macOS). Other native threads (OpenBLAS's pool)
-are allowed: OpenBLAS shuts its pool down around a fork.
+worker, forever), while GNU OpenMP's pool has threads that it cannot make let go (a fork
+hangs at its first parallel region: ``_native``), and where fork is unsafe (macOS). Other
+native threads (OpenBLAS's pool) are allowed: OpenBLAS shuts its pool down around a fork.
 
 **The same worker either way.** A forked child (of the caller or of the zygote) starts where a
 fresh interpreter would: its own session (a terminal's Ctrl-C reaches only the caller), signal
@@ -116,15 +116,17 @@ def refuse_fork() -> str | None:
 
 
 def refuse_native_fork() -> str | None:
-    """Why native threads of the caller make a fork of it hang, or ``None``."""
-    from multitrack.backends._native import openmp_threads
+    """Why native threads of the caller make a fork of it hang, or ``None``. GNU OpenMP's
+    pool is asked to let its threads go first (``_native.release_openmp``): the caller's next
+    parallel region starts a new one."""
+    from multitrack.backends._native import openmp_threads, release_openmp
 
-    if openmp_threads():
+    if openmp_threads() and release_openmp():
         return (
             "start_method='fork' cannot fork this process: it ran a GNU OpenMP parallel "
-            "region (PyTorch, scikit-learn), and a fork of it would wait forever for OpenMP's "
-            "threads, which a fork does not copy. Use start_method='spawn', or set "
-            "OMP_NUM_THREADS=1 before the first parallel region"
+            "region (PyTorch, scikit-learn) whose threads would not let go, and a fork of it "
+            "would wait forever for them, as a fork does not copy them. Use "
+            "start_method='spawn', or set OMP_NUM_THREADS=1 before the first parallel region"
         )
     return None
 

@@ -54,9 +54,9 @@ The zygote's own loop is ``_zygote_server`` (it imports only what a worker needs
 
 **When it cannot be used** (it failed to start or died; a preloaded module started a Python
 thread in it, so that forking it could copy a held lock; initialised CUDA, which a fork
-cannot use again; or ran a GNU OpenMP parallel region, whose pool a fork would wait for
-forever: ``_native``), workers are fresh interpreters, as where ``fork`` is unsafe (macOS); the
-semantics are the same.
+cannot use again; or ran a GNU OpenMP parallel region whose pool would not let go of its
+threads, which a fork would wait for forever: ``_native``), workers are fresh interpreters,
+as where ``fork`` is unsafe (macOS); the semantics are the same.
 """
 
 from __future__ import annotations

@@ -93,14 +93,14 @@ class _Server:  # pragma: no cover - runs in the zygote process
     def _fork(self, token: int, state: dict[str, Any], fds: list[int]) -> None:
         import threading
 
-        from multitrack.backends._native import openmp_threads
+        from multitrack.backends._native import openmp_threads, release_openmp
 
         if len(fds) not in (5, 6) or threading.active_count() > 1 or len(sys._current_frames()) > 1:
             self._reply(("unsafe", token, None))  # a preloaded module started a thread
         elif _cuda_in_use():
             self._reply(("unsafe", token, None))  # a fork could not use CUDA again
-        elif openmp_threads():
-            self._reply(("unsafe", token, None))  # a fork would hang in its first parallel region
+        elif openmp_threads() and release_openmp():  # a pool that would not let go:
+            self._reply(("unsafe", token, None))  # a fork would hang in its first region
         else:
             pid = _fork_worker(fds, state, closing=(self.control.fileno(), *self._wake_fds()))
             if pid is None:
