@@ -529,3 +529,28 @@ def test_a_timed_out_task_says_where_it_was_stopped(fn: Any, frame: str) -> None
     assert frame in error.stack and "faults.py" in error.stack
     assert "_worker.py" not in error.stack and "_run.py" not in error.stack  # the task's alone
     assert frame in "".join(getattr(error, "__notes__", []))  # shown under the traceback
+
+
+def test_a_worker_that_runs_nothing_is_not_asked_to_give_back_what_it_holds() -> None:
+    # It starts its next task at once, and what it holds may still be on its way to it: asked
+    # back, a chunk of 4 MB arguments went back whole to the same worker, again and again
+    # (16 tasks sent 72 times while an idle second worker kept asking).
+    import mmap
+    import tempfile
+    import time
+    import types
+
+    from multitrack.backends import _protocol
+
+    held = types.SimpleNamespace(split=False, chunk=types.SimpleNamespace(indices=[0, 1, 2, 3]))
+    with tempfile.TemporaryFile() as file:
+        file.truncate(_protocol.SLOT_SIZE)
+        slot = _protocol.Slot(file.fileno())
+        view = mmap.mmap(file.fileno(), _protocol.SLOT_SIZE)
+        proc = types.SimpleNamespace(slot=view, chunks={7: held}, asked_to_give_back=set())
+        assert _process._queued_behind(proc) == 0  # a fresh slot: it runs nothing yet
+        slot.start_chunk(7, 0, time.monotonic())
+        assert _process._queued_behind(proc) == 3  # running the first: three wait behind it
+        slot.start_chunk(_protocol.IDLE, 0, 0.0)
+        assert _process._queued_behind(proc) == 0  # between tasks: it starts the next at once
+        view.close()
