@@ -314,6 +314,33 @@ def test_the_modules_a_function_needs_are_read_from_its_pickle() -> None:
 
     assert "json" in modules_needed(_wire.dumps(by_value))
     assert modules_needed(b"not a pickle") == []
+    # A global ahead of a large buffer is found (the scan stops at the buffer).
+    assert modules_needed(pickle.dumps((json.dumps, b"x" * (5 << 20)))) == ["json"]
+
+
+ARGUMENTS_MODULE = """
+import sys
+sys.path.insert(0, {tests!r})
+import faults
+import multitrack as mt
+import payload_module
+
+# The function names no module of the arguments': only unpickling them imports it.
+print(mt.map(faults.type_name, [payload_module.Payload()], workers=1))
+print(mt.map(faults.imported, ["payload_module"], workers=1))  # a worker of the next call
+"""
+
+
+@needs_fork
+@pytest.mark.timeout(60)
+def test_the_modules_of_a_calls_arguments_are_imported_once_for_later_calls(
+    tmp_path: Path,
+) -> None:
+    # The zygote imports them after the call's first chunk, so that the workers it forks
+    # from then on do not each import them again (torch: 1.7 s a worker, every call).
+    (tmp_path / "payload_module.py").write_text("class Payload:\n    pass\n")
+    script = ARGUMENTS_MODULE.format(tests=str(Path(__file__).parent))
+    assert run_script(tmp_path, script).split() == ["['Payload']", "[True]"]
 
 
 @pytest.mark.usefixtures("each_start_method")

@@ -28,9 +28,11 @@ from collections.abc import Iterable
 from types import ModuleType
 
 _verdicts: dict[str, tuple[int, bool]] = {}  # module name -> (id of the module, importable)
-# Past this size a payload is not read through for module names (a function that carries a
-# large table by value): its workers import what they need themselves.
+# A payload is read for module names up to this many bytes and opcodes (a function that
+# carries a large table by value, a task's 8 MB array): its globals come first, and what a
+# longer read would find, its workers import themselves.
 SCAN_LIMIT = 4 << 20
+SCAN_OPCODES = 10_000
 
 
 def not_importable(names: Iterable[str]) -> list[str]:
@@ -107,8 +109,9 @@ def modules_needed(payload: bytes) -> list[str]:
         >>> modules_needed(pickle.dumps(json.dumps))
         ['json']
     """
-    if len(payload) > SCAN_LIMIT or b"\x93" not in payload:
-        return []  # too large to read through, or no global in it (STACK_GLOBAL: 0x93)
+    payload = payload[:SCAN_LIMIT]  # the globals come first; a large buffer ends the scan
+    if b"\x93" not in payload:
+        return []  # no global in it (STACK_GLOBAL: 0x93)
     import pickletools  # 1-2 ms of imports: only for a payload that names globals
 
     found: list[str] = []
@@ -117,7 +120,9 @@ def modules_needed(payload: bytes) -> list[str]:
     last: str | None = None  # the string the last opcode pushed, if it pushed one
     importing = False  # the last global was cloudpickle's subimport: a module name follows
     try:
-        for opcode, arg, _ in pickletools.genops(payload):
+        for count, (opcode, arg, _) in enumerate(pickletools.genops(payload)):
+            if count == SCAN_OPCODES:
+                break
             name, pushed = opcode.name, None
             if isinstance(arg, str) and "UNICODE" in name:
                 pushed = arg

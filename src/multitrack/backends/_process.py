@@ -172,6 +172,7 @@ class ProcessBackend(PooledBackend):
         else:  # for this call's workers, and any that replace one of them
             preload([self._init_payload], self._thread_limits)
         self._timed = timed
+        self._args_seen = self._start_method == "fork"  # a fork of the caller has them all
         self._oom = OomWitness()
         if self._memory is not None:
             self._memory.begin()
@@ -227,11 +228,25 @@ class ProcessBackend(PooledBackend):
         self._events.extend(unpicklable)
         if not messages:
             return None
+        if not self._args_seen:
+            self._args_seen = True
+            self._preload_for_arguments(messages[0][0][4])
         target: WorkerHandle = self._pick(len(chunk.indices))
         size = sum(len(message[4]) for message, _ in messages)  # shared memory aside
         shared = sum(buffer.raw().nbytes for _, buffers in messages for buffer in buffers)
         target.hold(chunk, messages, len(unpicklable), timed=self._timed)
         return size + shared
+
+    def _preload_for_arguments(self, payload: bytes) -> None:
+        """The modules that the call's first arguments need (a torch tensor given to a
+        function that never names torch): the zygote imports them for the workers it forks
+        from now on (the next calls', replacements), which otherwise each imported them
+        again when they unpickled their first task (torch: 1.7 s a worker, every call). The
+        workers already started import them on their own, as before."""
+        try:
+            preload([payload], self._thread_limits)
+        except WorkerStartError:
+            pass  # no zygote here: nothing to warm
 
     def running(self) -> list[Running]:
         now_running = []
