@@ -34,8 +34,10 @@ all descriptors is ``_watch``; how a process comes to life is ``_start``.
 * **Each worker holds two chunks** (one running, one waiting), so it never idles on a round
   trip.
 * **The tail is shared**: when a worker is idle and nothing is left to hand out, the worker
-  with the most unstarted tasks is asked to give them back (``give_back``); its reader thread
-  answers at once, even in the middle of a long task, and the scheduler spreads them out.
+  with the most tasks waiting behind the one it runs is asked to give them back
+  (``give_back``); its reader thread answers at once, even in the middle of a long task, and
+  the scheduler spreads them out. A worker that runs nothing yet is not asked: it starts at
+  once, and moving what it holds would send its arguments again.
 * **Large buffers bypass the socket**: numpy arrays and the like travel in memfd shared
   memory beside the message (``_channel``): one copy, and nothing in ``/dev/shm`` to leak.
 
