@@ -325,9 +325,16 @@ import faults
 import multitrack as mt
 import payload_module
 
+from multitrack.backends import _zygote
+
+def preloaded():
+    return any("payload_module" in z._preloaded for z in _zygote._zygotes.values())
+
 # The function names no module of the arguments': only unpickling them imports it.
 print(mt.map(faults.type_name, [payload_module.Payload()], workers=1))
+print(preloaded())  # not during that call: its workers were running
 print(mt.map(faults.imported, ["payload_module"], workers=1))  # a worker of the next call
+print(preloaded())
 """
 
 
@@ -336,11 +343,11 @@ print(mt.map(faults.imported, ["payload_module"], workers=1))  # a worker of the
 def test_the_modules_of_a_calls_arguments_are_imported_once_for_later_calls(
     tmp_path: Path,
 ) -> None:
-    # The zygote imports them after the call's first chunk, so that the workers it forks
-    # from then on do not each import them again (torch: 1.7 s a worker, every call).
+    # The zygote imports them before the next call's workers start, so that they do not
+    # each import them again (torch: 1.7 s a worker, every call).
     (tmp_path / "payload_module.py").write_text("class Payload:\n    pass\n")
     script = ARGUMENTS_MODULE.format(tests=str(Path(__file__).parent))
-    assert run_script(tmp_path, script).split() == ["['Payload']", "[True]"]
+    assert run_script(tmp_path, script).split() == ["['Payload']", "False", "[True]", "True"]
 
 
 @pytest.mark.usefixtures("each_start_method")

@@ -241,12 +241,11 @@ class ProcessBackend(PooledBackend):
 
     def _preload_for_arguments(self, payload: bytes) -> None:
         """The modules that the call's first arguments need (a torch tensor given to a
-        function that never names torch): the zygote imports them for the workers it forks
-        from now on (the next calls', replacements), which otherwise each imported them
-        again when they unpickled their first task (torch: 1.7 s a worker, every call). The
-        workers already started import them on their own, as before."""
+        function that never names torch): the zygote imports them before the next call's
+        workers start (``Zygote.preload``), which otherwise each imported them again when
+        they unpickled their first task (torch: 1.7 s a worker, every call)."""
         try:
-            preload([payload], self._thread_limits)
+            preload([payload], self._thread_limits, later=True)
         except WorkerStartError:
             pass  # no zygote here: nothing to warm
 

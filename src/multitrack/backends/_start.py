@@ -248,10 +248,12 @@ def _refuse_if(reason: str | None) -> None:
         raise WorkerStartError(reason)
 
 
-def preload(payloads: Sequence[bytes], limits: dict[str, str]) -> None:
+def preload(payloads: Sequence[bytes], limits: dict[str, str], *, later: bool = False) -> None:
     """Before a call's workers start: the zygote they will be forked from (started now, if
     needed, so that it boots while the caller goes on) imports what ``payloads`` need.
-    Raises ``WorkerStartError`` where no fresh interpreter can start (``refuse_spawn``)."""
+    ``later``: what a call's arguments need, imported before the next call's workers start
+    (see ``Zygote.preload``). Raises ``WorkerStartError`` where no fresh interpreter can
+    start (``refuse_spawn``)."""
     _refuse_if(refuse_spawn())
     if not CAN_FORK:
         return
@@ -260,7 +262,8 @@ def preload(payloads: Sequence[bytes], limits: dict[str, str]) -> None:
 
     zygote = _zygote.for_env({**os.environ, **limits})
     if zygote is not None:
-        zygote.preload(name for payload in payloads for name in modules_needed(payload))
+        names = [name for payload in payloads for name in modules_needed(payload)]
+        zygote.preload(names, later=later)
 
 
 def _fork_zygote(ends: ChildEnds, env: dict[str, str]) -> WorkerProcess | None:

@@ -116,6 +116,7 @@ class Zygote:
         ours.setblocking(False)
         self._control = ours
         self._preloaded: set[str] = set()
+        self._later: set[str] = set()  # imported before the next fork after the next preload
         self._exits: dict[int, int] = {}
         self._children: set[int] = set()  # forked and not released
         self.unsafe = False  # a preloaded module started a thread: never used again
@@ -150,10 +151,21 @@ class Zygote:
             self.env = dict(env)
             return True
 
-    def preload(self, names: Iterable[str]) -> None:
-        """Have the zygote import ``names`` (once each) before its next fork."""
+    def preload(self, names: Iterable[str], *, later: bool = False) -> None:
+        """Have the zygote import ``names`` (once each) before its next fork; ``later``: with
+        the next ones asked for without it. A call's arguments may need modules its function
+        does not name (a torch tensor for a function that never names torch): every worker
+        imported them again, every call. Imported at once they would compete with that
+        call's workers for the cores (a one-call script's 64 arrays: 1.11x the time, for
+        numpy's import that no later worker used); before the next call's forks, they cost
+        what one worker's import did, once."""
         with self._lock:
-            fresh = [name for name in names if name not in self._preloaded]
+            if later:
+                self._later.update(name for name in names if name not in self._preloaded)
+                return
+            fresh = [name for name in [*names, *self._later] if name not in self._preloaded]
+            fresh = list(dict.fromkeys(fresh))
+            self._later.clear()
             path = [entry for entry in sys.path if isinstance(entry, str)]
             if fresh and self._send(("preload", path, list(sys.argv), fresh)):
                 self._preloaded.update(fresh)
