@@ -547,10 +547,14 @@ def test_a_worker_that_runs_nothing_is_not_asked_to_give_back_what_it_holds() ->
         file.truncate(_protocol.SLOT_SIZE)
         slot = _protocol.Slot(file.fileno())
         view = mmap.mmap(file.fileno(), _protocol.SLOT_SIZE)
-        proc = types.SimpleNamespace(slot=view, chunks={7: held}, asked_to_give_back=set())
+        proc = types.SimpleNamespace(
+            slot=view, chunks={7: held}, asked_to_give_back=set(), state=_process.State.READY
+        )
         assert _process._queued_behind(proc) == 0  # a fresh slot: it runs nothing yet
         slot.start_chunk(7, 0, time.monotonic())
         assert _process._queued_behind(proc) == 3  # running the first: three wait behind it
         slot.start_chunk(_protocol.IDLE, 0, 0.0)
         assert _process._queued_behind(proc) == 0  # between tasks: it starts the next at once
+        proc.state = _process.State.INITIALIZING  # its initializer may take minutes
+        assert _process._queued_behind(proc) == 3  # it keeps the task it will run first
         view.close()

@@ -464,19 +464,20 @@ def _memory_watch(memory_limit: int | str) -> MemoryWatch:
 def _queued_behind(proc: WorkerHandle) -> int:
     """Tasks ``proc`` holds that wait behind the one it runs (and were not asked back).
 
-    None while it runs nothing: it starts its next task at once, and what it holds may still
-    be on its way to it (megabytes of arguments through its socket). Asked back then, a chunk
-    went back whole, the least loaded worker was this one again, and an idle second worker
-    asked for it again: 16 tasks of 4 MB bytes were sent 72 times (livelock until the first
-    chunk, 32 MB, had arrived)."""
+    None while a started worker runs nothing: it starts its next task at once, and what it
+    holds may still be on its way to it (megabytes of arguments through its socket). Asked
+    back then, a chunk went back whole, the least loaded worker was this one again, and an
+    idle second worker asked for it again: 16 tasks of 4 MB bytes were sent 72 times
+    (livelock until the first chunk, 32 MB, had arrived). A worker still starting (its
+    initializer may load a model for minutes) keeps only the task it will run first."""
     current = P.read_slot(proc.slot)
-    if current is None:
+    if current is None and proc.state is State.READY:
         return 0
-    count = 0
+    count = 0 if current is not None else -1
     for chunk_id, held in proc.chunks.items():
         if held.split or chunk_id in proc.asked_to_give_back:
             continue
-        started = current[1] + 1 if current[0] == chunk_id else 0
+        started = current[1] + 1 if current is not None and current[0] == chunk_id else 0
         count += len(held.chunk.indices) - started
     return count
 
