@@ -74,7 +74,7 @@ def release_openmp() -> int:
         0
     """
     if not _libgomp_code():
-        return openmp_threads()
+        return 0  # no libgomp: no pool
     import ctypes
 
     for path in _libgomp_paths():

@@ -139,20 +139,13 @@ def track_script_classes() -> None:
     script is sent (by value, in the payload every call makes), which is the usual case. A
     function of an importable module given an instance of a script's class, in a process
     that had sent nothing by value before, still sees a copy."""
-    cloudpickle = sys.modules.get("cloudpickle.cloudpickle")
+    give_id = getattr(sys.modules.get("cloudpickle.cloudpickle"), "_get_or_create_tracker_id", None)
     main = sys.modules.get("__main__")
-    if cloudpickle is None or main is None:
+    if give_id is None or main is None:
         return
-    classes = [
-        value
-        for value in list(vars(main).values())
-        if isinstance(value, type) and value.__module__ == "__main__"
-    ]
-
-    give_id = getattr(cloudpickle, "_get_or_create_tracker_id", None)
-    if give_id is not None:
-        for cls in classes:
-            give_id(cls)
+    for value in list(vars(main).values()):
+        if isinstance(value, type) and value.__module__ == "__main__":
+            give_id(value)
 
 
 class Spread:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import resource  # every worker takes the caller's limits (``_take``): imported once, here
 import signal
 import socket
 import sys
@@ -201,8 +202,6 @@ def _take(state: dict[str, Any]) -> None:  # pragma: no cover - a worker, just f
     """Take the caller's umask, CPUs, niceness and resource limits (``_zygote.process_state``),
     as a process it started now would have them; what this process may not take (a limit
     above its hard limit, a lower niceness) stays as it is."""
-    import resource
-
     if "umask" in state:
         os.umask(state["umask"])
     for number, limits in state["limits"].items():
@@ -214,9 +213,12 @@ def _take(state: dict[str, Any]) -> None:  # pragma: no cover - a worker, just f
     try:
         if os.sched_getaffinity(0) != state["affinity"]:
             os.sched_setaffinity(0, state["affinity"])
+    except OSError:  # CPUs outside this process's cpuset: it keeps its own
+        pass
+    try:
         if os.getpriority(os.PRIO_PROCESS, 0) != state["nice"]:
             os.setpriority(os.PRIO_PROCESS, 0, state["nice"])
-    except OSError:
+    except OSError:  # a lower niceness than its own needs a privilege
         pass
 
 
